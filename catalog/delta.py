@@ -1,0 +1,287 @@
+"""Delta tables through delta-rs, written and read by Spark without the Delta jars.
+
+Writes: Spark tasks write Parquet files into the table folder and return a small manifest;
+the driver commits all of them (plus any removals) in one delta-rs transaction, so a job is
+all-or-nothing and readers never see half of it. Files from failed task attempts are never
+referenced by the log (``vacuum`` removes them).
+
+Reads: a Python data source per table lists the table's *active* files at query time (never
+``spark.read.parquet(dir)``, which would resurrect removed files) and streams them as Arrow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
+from pyspark.sql.types import StructType
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.sql import DataFrame
+
+TABLE_COLUMN = "_dicomlake_table"
+"""Routing column: which target table a row belongs to when one job writes several tables."""
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A Parquet file a task wrote and the driver may commit (Delta ``add`` action inputs)."""
+
+    table: str
+    path: str
+    size: int
+    rows: int
+    modification_time: int
+    keys: tuple[tuple[str, ...], ...] = ()
+
+    def add_action(self) -> Any:
+        """The delta-rs add action for this file."""
+        from deltalake.transaction import AddAction
+
+        return AddAction(self.path, self.size, {}, self.modification_time, True,
+                         json.dumps({"numRecords": self.rows}))
+
+
+@dataclass(frozen=True)
+class TableTarget:
+    """Where rows routed to ``key`` go, which columns they keep, which key columns to report."""
+
+    key: str
+    path: str
+    columns: tuple[str, ...]
+    key_columns: tuple[str, ...] = ()
+
+
+_MANIFEST_DDL = ("table string, path string, size long, rows long, modification_time long, "
+                 "keys string")
+
+
+def _file_writer(targets: dict[str, TableTarget], job_id: str,
+                 arrow_schemas: dict[str, pa.Schema]) -> Callable[[Iterator[pa.RecordBatch]],
+                                                                  Iterator[pa.RecordBatch]]:
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import os
+
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        writers: dict[str, tuple[pq.ParquetWriter, str]] = {}
+        rows: dict[str, int] = {}
+        keys: dict[str, list[list[str]]] = {}
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            route = batch.column(TABLE_COLUMN)
+            for key, target in targets.items():
+                part = batch.filter(pc.equal(route, key))
+                if part.num_rows == 0:
+                    continue
+                table = pa.Table.from_batches([part]).select(list(target.columns))
+                table = table.cast(arrow_schemas[key])
+                if key not in writers:
+                    name = f"part-{job_id}-{uuid.uuid4().hex}.parquet"
+                    full = os.path.join(target.path, name)
+                    os.makedirs(target.path, exist_ok=True)
+                    writers[key] = (pq.ParquetWriter(full, arrow_schemas[key],
+                                                     compression="zstd"), name)
+                    rows[key] = 0
+                    keys[key] = []
+                writers[key][0].write_table(table)
+                rows[key] += table.num_rows
+                if target.key_columns:
+                    cols = [table.column(c).to_pylist() for c in target.key_columns]
+                    keys[key].extend([list(t) for t in zip(*cols, strict=True)])
+        out: dict[str, list[Any]] = {c.split()[0]: [] for c in _MANIFEST_DDL.split(", ")}
+        for key, (writer, name) in writers.items():
+            writer.close()
+            full = os.path.join(targets[key].path, name)
+            st = os.stat(full)
+            out["table"].append(key)
+            out["path"].append(name)
+            out["size"].append(st.st_size)
+            out["rows"].append(rows[key])
+            out["modification_time"].append(int(st.st_mtime * 1000))
+            out["keys"].append(json.dumps(keys[key]))
+        if out["table"]:
+            yield pa.RecordBatch.from_pydict(out)
+
+    return write
+
+
+def write_files(df: DataFrame, targets: list[TableTarget]) -> list[WrittenFile]:
+    """Write ``df``'s rows as Parquet files into their target tables; commit nothing.
+
+    Rows are routed by the ``_dicomlake_table`` column when there are several targets. The
+    returned files are what :func:`commit` needs; if the job fails nothing is referenced.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    if TABLE_COLUMN not in df.columns:
+        if len(targets) != 1:
+            raise ValueError("write_files needs a _dicomlake_table column for several targets")
+        df = df.withColumn(TABLE_COLUMN, F.lit(targets[0].key))
+    by_key = {t.key: t for t in targets}
+    schemas = {t.key: to_arrow_schema(df.select(*t.columns).schema, timezone="UTC") for t in targets}
+    job_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+    manifest = df.mapInArrow(_file_writer(by_key, job_id, schemas), _MANIFEST_DDL).collect()
+    return [
+        WrittenFile(r["table"], r["path"], r["size"], r["rows"], r["modification_time"],
+                    tuple(tuple(k) for k in json.loads(r["keys"])))
+        for r in manifest
+    ]
+
+
+def arrow_schema_of(df: DataFrame, columns: list[str] | tuple[str, ...]) -> pa.Schema:
+    """The Arrow schema files for these columns of ``df`` are written with."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(df.select(*columns).schema, timezone="UTC")
+
+
+def commit(table_path: str | Path, schema: pa.Schema, adds: list[WrittenFile],
+           removes: list[str] | None = None, *, operation: str = "WRITE") -> int | None:
+    """Commit added files and removed file paths as ONE Delta transaction.
+
+    Creates the table on first use. Returns the new version, or None when there was nothing
+    to commit (no new commit is made, so re-running an unchanged ingest leaves no trace).
+    """
+    from deltalake import CommitProperties, DeltaTable, Schema
+    from deltalake.transaction import RemoveAction, create_table_with_add_actions
+
+    table_path = str(table_path)
+    if not adds and not removes:
+        return None
+    actions = [f.add_action() for f in adds]
+    props = CommitProperties(custom_metadata={"dicomlake.operation": operation})
+    if not DeltaTable.is_deltatable(table_path):
+        Path(table_path).mkdir(parents=True, exist_ok=True)
+        create_table_with_add_actions(table_path, Schema.from_arrow(schema), actions,
+                                      mode="append", commit_properties=props)
+        return DeltaTable(table_path).version()
+    now = int(time.time() * 1000)
+    actions += [RemoveAction(p, True, now) for p in removes or []]
+    table = DeltaTable(table_path)
+    table.create_write_transaction(actions, mode="append", schema=schema,
+                                   commit_properties=props)
+    table.update_incremental()
+    return table.version()
+
+
+def active_files(table_path: str | Path) -> list[str]:
+    """Relative paths of the table's current files ([] if the table does not exist)."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(str(table_path)):
+        return []
+    actions = DeltaTable(str(table_path)).get_add_actions(flatten=True)
+    import pyarrow as pa
+
+    return [str(p) for p in pa.table(actions).column("path").to_pylist()]
+
+
+def read_columns(table_path: str | Path, columns: list[str]) -> pa.Table:
+    """Selected columns of a table's active files, with the file each row came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for rel in active_files(table_path):
+        t = pq.read_table(Path(table_path) / rel, columns=columns)
+        tables.append(t.append_column("_file", pa.array([rel] * t.num_rows, pa.string())))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in [*columns, "_file"]})
+    return pa.concat_tables(tables)
+
+
+@dataclass(frozen=True)
+class DeltaFilesPartition(InputPartition):
+    """Active files of one table, read by one task."""
+
+    paths: tuple[str, ...]
+
+
+class DeltaTableReader(DataSourceReader):
+    """Streams a table's active Parquet files as Arrow batches."""
+
+    TARGET_BYTES = 128 << 20
+
+    def __init__(self, table_path: str, schema: StructType) -> None:
+        self.table_path = table_path
+        self.schema = schema
+
+    def partitions(self) -> list[DeltaFilesPartition]:
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.table_path):
+            return []
+        import pyarrow as pa
+
+        actions = pa.table(DeltaTable(self.table_path).get_add_actions(flatten=True))
+        parts: list[DeltaFilesPartition] = []
+        group: list[str] = []
+        size = 0
+        for rel, nbytes in zip(actions.column("path").to_pylist(),
+                               actions.column("size_bytes").to_pylist(), strict=True):
+            group.append(str(Path(self.table_path) / rel))
+            size += nbytes
+            if size >= self.TARGET_BYTES:
+                parts.append(DeltaFilesPartition(tuple(group)))
+                group, size = [], 0
+        if group:
+            parts.append(DeltaFilesPartition(tuple(group)))
+        return parts
+
+    def read(self, partition: DeltaFilesPartition) -> Iterator[pa.RecordBatch]:
+        import pyarrow.parquet as pq
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        target = to_arrow_schema(self.schema, timezone="UTC")
+        for path in partition.paths:
+            parquet = pq.ParquetFile(path)
+            for batch in parquet.iter_batches(batch_size=4096, columns=target.names):
+                import pyarrow as pa
+
+                yield pa.Table.from_batches([batch]).cast(target).to_batches()[0]
+
+
+class DeltaTableDataSource(DataSource):
+    """Base of the per-table sources: each subclass knows its table path and its name.
+
+    Spark drops options given to ``CREATE TABLE ... USING <python source>``, so the table path
+    cannot be an option; a small subclass per table carries it as a class attribute.
+    """
+
+    table_path: ClassVar[str] = ""
+    source_name: ClassVar[str] = ""
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.source_name
+
+    def schema(self) -> StructType:
+        import pyarrow as pa
+        from deltalake import DeltaTable
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        return from_arrow_schema(pa.schema(DeltaTable(self.table_path).schema().to_arrow()))
+
+    def reader(self, schema: StructType) -> DeltaTableReader:
+        return DeltaTableReader(self.table_path, schema)
+
+
+def table_source_class(schema: str, table: str, path: str) -> type[DeltaTableDataSource]:
+    """A data source class bound to one table (registered under ``dicomlake_<schema>_<table>``)."""
+    return type(
+        f"Delta_{schema}_{table}",
+        (DeltaTableDataSource,),
+        {"table_path": path, "source_name": f"dicomlake_{schema}_{table}", "__module__": __name__},
+    )

@@ -1,0 +1,47 @@
+"""Errors raised while reading DICOM inputs.
+
+Each carries an :class:`ErrorKind` so rejected inputs can be grouped in ``dicom.errors``
+(``GROUP BY error_kind``) and a message that names the tag; the reader prefixes the archive
+and member, so a message alone tells the user which file to look at.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    """Why an input became an error record instead of a row."""
+
+    UNREADABLE = "unreadable"
+    """The path cannot be opened (missing, permission denied, I/O error)."""
+    BAD_ARCHIVE = "bad_archive"
+    """The ZIP is truncated or corrupt: its central directory cannot be read."""
+    ENCRYPTED = "encrypted"
+    """The ZIP member is encrypted; dicomlake does not take passwords."""
+    TOO_LARGE = "too_large"
+    """The declared size is beyond the configured limit (zip bomb guard)."""
+    EMPTY = "empty"
+    """The file or member has zero bytes."""
+    NOT_DICOM = "not_dicom"
+    """No DICOM preamble/marker and not parseable as DICOM."""
+    TRUNCATED = "truncated"
+    """The file ends before its header (or declared pixel data) does."""
+    BAD_HEADER = "bad_header"
+    """The header structure cannot be parsed."""
+    BAD_VALUE = "bad_value"
+    """An element's value does not fit its VR (wrong VR, bad number or date)."""
+    DUPLICATE = "duplicate"
+    """Another input already holds this SOPInstanceUID."""
+
+
+class DicomlakeError(Exception):
+    """Base of dicomlake's own errors."""
+
+
+class HeaderError(DicomlakeError):
+    """A DICOM input cannot become a row; ``kind`` says why."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

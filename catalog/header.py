@@ -1,0 +1,328 @@
+"""Parse a DICOM header from a byte stream and turn it into columns plus DICOM JSON.
+
+pydicom reads the header (``stop_before_pixels``: the pixel data is never read, so for a ZIP
+member it is never decompressed). pydicom keeps every element as raw bytes until it is
+touched; its own ``to_json_dict`` converts each one to a full ``DataElement`` first and costs
+about five times the parse itself. So leaf values are decoded here, straight from the raw
+bytes, into PS3.18 F.2 JSON; pydicom still does the parts that need its knowledge: sequences,
+character sets and the data dictionary.
+
+Anything that cannot be decoded raises :class:`HeaderError` naming the tag and keyword; the
+caller adds the file and member.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import IO, Any
+
+from pydicom import dcmread
+from pydicom.charset import decode_bytes
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
+
+from dicomlake.catalog.errors import ErrorKind, HeaderError
+
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+"""Pixel Data, Float Pixel Data, Double Float Pixel Data: where a header ends."""
+
+INLINE_BINARY_MAX = 64
+"""Binary values up to this many bytes go inline (base64); larger ones become BulkDataURIs."""
+
+_STRUCT_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d",
+                   "UV": "Q", "SV": "q"}
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_UNSPLIT_TEXT_VRS = frozenset({"ST", "LT", "UT", "UR"})
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "PN", "UC"})
+_DEFAULT_ENCODINGS = ("iso8859",)
+_PN_DELIMS = {0x5C, 0x3D, 0x5E}
+_VALUE_DELIMS = {0x5C}
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) in PIXEL_DATA_TAGS
+
+
+def _tag_label(tag: int) -> str:
+    keyword = keyword_for_tag(tag) or "private or unknown"
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword}"
+
+
+def _resolve_vr(tag: int, vr: str | None, context: _Context) -> str:
+    if vr is None:
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return "UN"
+    if " or " in vr:
+        if "OW" in vr or "OB" in vr:
+            return "OW" if "OW" in vr else "OB"
+        return "SS" if context.pixel_representation == 1 else "US"
+    return vr
+
+
+@dataclass
+class _Context:
+    uri: str
+    pixel_representation: int = 0
+
+
+def _strings(value: bytes, vr: str, encodings: tuple[str, ...] | list[str]) -> list[str | None]:
+    if vr in _TEXT_VRS and tuple(encodings) != _DEFAULT_ENCODINGS:
+        text = decode_bytes(value, list(encodings), _PN_DELIMS if vr == "PN" else _VALUE_DELIMS)
+    else:
+        text = value.decode("latin-1")
+    text = text.rstrip("\x00 ")
+    parts = [text] if vr in _UNSPLIT_TEXT_VRS else text.split("\\")
+    out: list[str | None] = []
+    for part in parts:
+        part = part.strip(" \x00") if vr not in _UNSPLIT_TEXT_VRS else part
+        out.append(part if part else None)
+    return out
+
+
+def _number(text: str | None, vr: str) -> int | float | None:
+    if text is None:
+        return None
+    if vr == "IS":
+        try:
+            return int(text)
+        except ValueError:
+            as_float = float(text)  # "12.0" is common in the wild and unambiguous
+            if not as_float.is_integer():
+                raise
+            return int(as_float)
+    number = float(text)
+    return number if math.isfinite(number) else None
+
+
+def _finite(value: float) -> float | str:
+    # JSON has no NaN/Infinity; PS3.18 writes them as strings.
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _decode(tag: int, vr: str, raw: Any, encodings: Any, ctx: _Context) -> dict[str, Any]:
+    value: bytes = raw.value if raw.value is not None else b""
+    if raw.length != 0xFFFFFFFF and len(value) != raw.length:
+        raise HeaderError(
+            ErrorKind.TRUNCATED,
+            f"{_tag_label(tag)}: header declares {raw.length} bytes but only {len(value)} "
+            "are present (file truncated)",
+        )
+    element: dict[str, Any] = {"vr": vr}
+    if not value:
+        return element
+    if vr in _BINARY_VRS:
+        if len(value) <= INLINE_BINARY_MAX:
+            element["InlineBinary"] = base64.b64encode(value).decode("ascii")
+        else:
+            element["BulkDataURI"] = f"{ctx.uri}#offset={raw.value_tell}&length={len(value)}"
+        return element
+    fmt = _STRUCT_FORMATS.get(vr)
+    if fmt is not None:
+        size = struct.calcsize(fmt)
+        if len(value) % size:
+            raise HeaderError(
+                ErrorKind.BAD_VALUE,
+                f"{_tag_label(tag)}: VR {vr} needs a multiple of {size} bytes, found "
+                f"{len(value)} (wrong VR?)",
+            )
+        order = "<" if raw.is_little_endian else ">"
+        numbers = struct.unpack(f"{order}{len(value) // size}{fmt}", value)
+        element["Value"] = [_finite(n) for n in numbers] if vr in ("FL", "FD") else list(numbers)
+        return element
+    if vr == "AT":
+        if len(value) % 4:
+            raise HeaderError(ErrorKind.BAD_VALUE, f"{_tag_label(tag)}: AT needs 4-byte values")
+        order = "<" if raw.is_little_endian else ">"
+        pairs = struct.unpack(f"{order}{len(value) // 2}H", value)
+        element["Value"] = [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)]
+        return element
+    strings = _strings(value, vr, encodings)
+    if vr in ("IS", "DS"):
+        try:
+            element["Value"] = [_number(s, vr) for s in strings]
+        except ValueError:
+            raise HeaderError(
+                ErrorKind.BAD_VALUE,
+                f"{_tag_label(tag)}: {vr} value {value[:64]!r} is not a number",
+            ) from None
+    elif vr == "PN":
+        element["Value"] = [
+            None if s is None else {
+                group: part for group, part in zip(_PN_GROUPS, s.split("="), strict=False) if part
+            }
+            for s in strings
+        ]
+    else:
+        element["Value"] = strings
+    return element
+
+
+def _dataset_to_json(ds: Dataset, ctx: _Context) -> dict[str, Any]:
+    encodings = ds._character_set
+    if isinstance(encodings, str):
+        encodings = [encodings]
+    out: dict[str, Any] = {}
+    for tag, raw in ds._dict.items():
+        tag = int(tag)
+        vr = _resolve_vr(tag, raw.VR, ctx)
+        if vr == "SQ":
+            try:
+                items = ds[tag].value
+            except Exception as exc:
+                raise HeaderError(
+                    ErrorKind.BAD_VALUE, f"{_tag_label(tag)}: sequence cannot be parsed: {exc}"
+                ) from exc
+            element: dict[str, Any] = {"vr": "SQ"}
+            if items:
+                element["Value"] = [_dataset_to_json(item, ctx) for item in items]
+            out[f"{tag:08X}"] = element
+            continue
+        if getattr(raw, "is_raw", False):
+            out[f"{tag:08X}"] = _decode(tag, vr, raw, encodings, ctx)
+        else:  # pydicom already decoded it while reading (e.g. SpecificCharacterSet)
+            out[f"{tag:08X}"] = raw.to_json_dict(None, INLINE_BINARY_MAX)
+    return out
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a header parse yields: the JSON dataset plus facts needed for columns."""
+
+    meta: dict[str, Any]
+    transfer_syntax_uid: str | None
+    pixel_data_offset: int | None
+    pixel_data_length: int | None
+
+    def first(self, tag: int) -> Any:
+        """First value of a top-level element, or None."""
+        values = self.meta.get(f"{tag:08X}", {}).get("Value")
+        return values[0] if values else None
+
+    def values(self, tag: int) -> list[Any] | None:
+        """All values of a top-level element, or None."""
+        return self.meta.get(f"{tag:08X}", {}).get("Value") or None
+
+    def meta_json(self) -> str:
+        """The dataset as compact PS3.18 DICOM JSON text."""
+        return json.dumps(self.meta, separators=(",", ":"), allow_nan=False)
+
+
+def _pixel_element_header(fp: IO[bytes], little: bool) -> tuple[str, int, int] | None:
+    """VR, value length and element-header length of the pixel data element at ``fp``.
+
+    The encoding is read off the bytes rather than the transfer syntax: files in the wild
+    declare explicit VR and are implicit (pydicom reads them with a warning).
+    """
+    head = fp.read(12)
+    if len(head) < 8:
+        return None
+    order = "<" if little else ">"
+    vr_bytes = head[4:6]
+    if not (vr_bytes.isalpha() and vr_bytes.isupper()):
+        return "OW", struct.unpack(f"{order}I", head[4:8])[0], 8
+    vr = vr_bytes.decode("ascii")
+    if vr in ("OB", "OW", "OF", "OD", "UN"):
+        if len(head) < 12:
+            return None
+        return vr, struct.unpack(f"{order}I", head[8:12])[0], 12
+    return vr, struct.unpack(f"{order}H", head[6:8])[0], 8
+
+
+def read_header(
+    fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool
+) -> Header:
+    """Parse the header at ``fp`` (positioned at the file start); never reads pixel values.
+
+    Args:
+        fp: a readable stream; a ZIP member stream is fine (decompressed lazily).
+        uri: the ``path`` of this instance, used for BulkDataURI references.
+        size: the file's full size when known (ZIP central directory or file system),
+            to detect truncated pixel data without reading it.
+        has_preamble: whether the 128-byte preamble + ``DICM`` marker was seen; files
+            without it (old ACR-NEMA style) are parsed with ``force=True``.
+
+    Raises:
+        HeaderError: the bytes are not a readable DICOM header.
+    """
+    try:
+        return _read_header(fp, uri=uri, size=size, has_preamble=has_preamble)
+    except HeaderError as exc:
+        if has_preamble:
+            raise
+        raise HeaderError(
+            ErrorKind.NOT_DICOM, f"no DICM marker and not parseable as DICOM ({exc})"
+        ) from exc
+
+
+def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool) -> Header:
+    try:
+        ds = dcmread(fp, stop_before_pixels=True, force=not has_preamble)
+    except InvalidDicomError as exc:
+        raise HeaderError(ErrorKind.NOT_DICOM, f"not a DICOM file: {exc}") from exc
+    except (EOFError, struct.error) as exc:
+        raise HeaderError(ErrorKind.TRUNCATED, f"header ends early: {exc}") from exc
+    except (ValueError, KeyError, TypeError, NotImplementedError, OverflowError) as exc:
+        raise HeaderError(ErrorKind.BAD_HEADER, f"header cannot be parsed: {exc}") from exc
+    if not ds._dict:
+        raise HeaderError(ErrorKind.NOT_DICOM, "no DICOM elements found")
+
+    file_meta = getattr(ds, "file_meta", None)
+    tsuid = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    little = ds.original_encoding[1] is not False
+
+    pixel_representation = 0
+    raw_pr = ds._dict.get(BaseTag(0x00280103))
+    if raw_pr is not None and getattr(raw_pr, "is_raw", False) and len(raw_pr.value or b"") == 2:
+        pixel_representation = struct.unpack("<H" if little else ">H", raw_pr.value)[0]
+    ctx = _Context(uri=uri, pixel_representation=pixel_representation)
+    meta = _dataset_to_json(ds, ctx)
+
+    offset = fp.tell()
+    pixel = _pixel_element_header(fp, little)
+    pixel_offset = pixel_length = None
+    if pixel is not None:
+        vr, length, header_len = pixel
+        pixel_offset = offset
+        if length != 0xFFFFFFFF:
+            pixel_length = length
+            end = offset + header_len + length
+            if size is not None and end > size:
+                raise HeaderError(
+                    ErrorKind.TRUNCATED,
+                    f"(7FE0,0010) PixelData: declares {length} bytes but the file ends "
+                    f"{end - size} bytes short (file truncated)",
+                )
+        meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={offset}"}
+    return Header(
+        meta=meta,
+        transfer_syntax_uid=tsuid or None,
+        pixel_data_offset=pixel_offset,
+        pixel_data_length=pixel_length,
+    )
+
+
+def parse_da(value: str | None, tag_label: str) -> dt.date | None:
+    """DICOM DA (YYYYMMDD) to a date; empty or all-zero dates are unknown, not errors."""
+    if not value or value.strip("0") == "":
+        return None
+    text = value.replace(".", "")  # ACR-NEMA style YYYY.MM.DD
+    try:
+        return dt.date(int(text[0:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        raise HeaderError(
+            ErrorKind.BAD_VALUE, f"{tag_label}: {value!r} is not a valid DA date (YYYYMMDD)"
+        ) from None

@@ -1,0 +1,346 @@
+"""The ingest job: archives and files into ``dicom.instances`` / ``errors`` / ``series`` /
+``studies``, one atomic Delta commit per table.
+
+Change detection uses only metadata: a source (archive or plain file) whose fingerprint
+(central directory names/sizes/CRCs, or size and mtime) is already fully in the tables is
+skipped without opening a member. A changed source replaces all of its rows. Every input ends
+as exactly one row in ``instances`` or ``errors``: files seen = rows written + errors recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicomlake.catalog.delta import (
+    TABLE_COLUMN,
+    TableTarget,
+    WrittenFile,
+    arrow_schema_of,
+    commit,
+    read_columns,
+    write_files,
+)
+from dicomlake.catalog.dicom_source import CORRUPT_RECORD, ERROR_KIND, PROVENANCE, dicom_schema
+from dicomlake.catalog.errors import ErrorKind
+from dicomlake.catalog.inputs import Source, plan_sources
+from dicomlake.catalog.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.sql import DataFrame, SparkSession
+
+SCHEMA = "dicom"
+INSTANCES, ERRORS, SERIES, STUDIES = "instances", "errors", "series", "studies"
+
+INSTANCE_COLUMNS: tuple[str, ...] = tuple(
+    f.name for f in dicom_schema().fields if f.name not in (CORRUPT_RECORD, ERROR_KIND)
+) + ("ingested_at",)
+ERROR_COLUMNS: tuple[str, ...] = (
+    *(f.name for f in PROVENANCE.fields), "error_kind", "error", "ingested_at")
+
+SERIES_SQL = f"""
+SELECT series_instance_uid, first(study_instance_uid) AS study_instance_uid,
+       first(patient_id) AS patient_id, first(modality) AS modality,
+       first(body_part_examined) AS body_part_examined, first(series_number) AS series_number,
+       first(series_description) AS series_description, first(manufacturer) AS manufacturer,
+       min(study_date) AS study_date, count(*) AS instances, sum(file_size) AS bytes,
+       first(rows) AS rows, first(columns) AS columns
+FROM {SCHEMA}.{INSTANCES} WHERE series_instance_uid IS NOT NULL
+GROUP BY series_instance_uid
+"""
+STUDIES_SQL = f"""
+SELECT study_instance_uid, first(patient_id) AS patient_id,
+       first(patient_name) AS patient_name, min(study_date) AS study_date,
+       first(study_description) AS study_description,
+       first(accession_number) AS accession_number,
+       array_sort(collect_set(modality)) AS modalities,
+       count(DISTINCT series_instance_uid) AS series, count(*) AS instances,
+       sum(file_size) AS bytes
+FROM {SCHEMA}.{INSTANCES} WHERE study_instance_uid IS NOT NULL
+GROUP BY study_instance_uid
+"""
+
+
+@dataclass
+class IngestResult:
+    """What one ingest did; ``files_seen == rows_written + errors_recorded`` always."""
+
+    sources: int = 0
+    sources_skipped: int = 0
+    files_seen: int = 0
+    rows_written: int = 0
+    errors_recorded: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    versions: dict[str, int] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def balanced(self) -> bool:
+        """The accounting identity every ingest must satisfy."""
+        return self.files_seen == self.rows_written + self.errors_recorded
+
+
+def _existing_counts(warehouse: Warehouse) -> Counter[tuple[str, str]]:
+    """(source, fingerprint) -> rows already stored for it across instances and errors."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for table in (INSTANCES, ERRORS):
+        data = read_columns(warehouse.table_path(SCHEMA, table),
+                            ["source", "source_fingerprint"])
+        counts.update(zip(data.column("source").to_pylist(),
+                          data.column("source_fingerprint").to_pylist(), strict=True))
+    return counts
+
+
+def _is_stored(source: Source, counts: Counter[tuple[str, str]]) -> bool:
+    return source.error is None and counts[(source.path, source.fingerprint)] == source.input_count
+
+
+class _Progress:
+    """Polls Spark's status tracker and reports files done (tasks carry whole sources)."""
+
+    def __init__(self, spark: SparkSession, total: int, report: Callable[[int], None]) -> None:
+        self._tracker = spark.sparkContext.statusTracker()
+        self._total = total
+        self._report = report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        done_before = 0
+        while not self._stop.wait(0.5):
+            done = tasks = 0
+            for stage_id in self._tracker.getActiveStageIds():
+                info = self._tracker.getStageInfo(stage_id)
+                if info is not None:
+                    done += info.numCompletedTasks
+                    tasks += info.numTasks
+            if tasks:
+                files = min(self._total, round(self._total * done / tasks))
+                if files > done_before:
+                    self._report(files - done_before)
+                    done_before = files
+
+
+def _rewrite(table_path: Path, rel: str, keep: Callable[[pa.Table], pa.Array],
+             schema: pa.Schema) -> WrittenFile | None:
+    """Rewrite one file keeping the rows ``keep`` selects; None if nothing is left."""
+    import pyarrow.parquet as pq
+
+    data = pq.read_table(table_path / rel)
+    data = data.filter(keep(data))
+    if data.num_rows == 0:
+        return None
+    name = f"part-rewrite-{uuid.uuid4().hex}.parquet"
+    pq.write_table(data.cast(schema), table_path / name, compression="zstd")
+    st = (table_path / name).stat()
+    return WrittenFile(table_path.name, name, st.st_size, data.num_rows, int(st.st_mtime * 1000))
+
+
+def _replace_sources(table_path: Path, replaced: set[str],
+                     schema: pa.Schema) -> tuple[list[str], list[WrittenFile]]:
+    """Files to remove, and rewritten files to add, so no row of ``replaced`` sources stays."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    data = read_columns(table_path, ["source"])
+    removes: list[str] = []
+    adds: list[WrittenFile] = []
+    by_file: dict[str, set[str]] = {}
+    for src, rel in zip(data.column("source").to_pylist(), data.column("_file").to_pylist(),
+                        strict=True):
+        by_file.setdefault(rel, set()).add(src)
+    keep_set = pa.array(sorted(replaced), pa.string())
+    for rel, sources in by_file.items():
+        if not sources & replaced:
+            continue
+        removes.append(rel)
+        if not sources <= replaced:
+            kept = _rewrite(table_path, rel,
+                            lambda t: pc.invert(pc.is_in(t.column("source"), keep_set)), schema)
+            if kept is not None:
+                adds.append(kept)
+    return removes, adds
+
+
+def _find_duplicates(warehouse: Warehouse, written: list[WrittenFile],
+                     replaced: set[str]) -> dict[str, str]:
+    """New instance path -> message, for rows whose SOPInstanceUID is already taken.
+
+    A UID already stored by a source that stays wins; among new rows the smallest path wins,
+    so the outcome does not depend on task order.
+    """
+    taken: dict[str, str] = {}
+    existing = read_columns(warehouse.table_path(SCHEMA, INSTANCES),
+                            ["sop_instance_uid", "path", "source"])
+    for uid, path, src in zip(existing.column("sop_instance_uid").to_pylist(),
+                              existing.column("path").to_pylist(),
+                              existing.column("source").to_pylist(), strict=True):
+        if uid is not None and src not in replaced:
+            taken.setdefault(uid, path)
+    new_keys = sorted((path, uid) for f in written if f.table == INSTANCES for uid, path in f.keys)
+    duplicates: dict[str, str] = {}
+    for path, uid in new_keys:
+        if uid is None:
+            continue
+        first = taken.setdefault(uid, path)
+        if first != path:
+            duplicates[path] = (
+                f"{path}: duplicate SOPInstanceUID {uid}; the same UID is already stored for "
+                f"{first}"
+            )
+    return duplicates
+
+
+def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFile],
+                      duplicates: dict[str, str], schemas: dict[str, pa.Schema],
+                      ) -> list[WrittenFile]:
+    """Move duplicate rows from freshly written instance files into an errors file."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    dup_paths = pa.array(sorted(duplicates), pa.string())
+    result: list[WrittenFile] = []
+    moved: list[pa.Table] = []
+    for f in written:
+        if f.table != INSTANCES or not any(path in duplicates for _, path in f.keys):
+            result.append(f)
+            continue
+        data = pq.read_table(table_dir / f.path)
+        is_dup = pc.is_in(data.column("path"), dup_paths)
+        moved.append(data.filter(is_dup))
+        kept = _rewrite(table_dir, f.path, lambda t: pc.invert(is_dup), schemas[INSTANCES])
+        (table_dir / f.path).unlink()
+        if kept is not None:
+            result.append(WrittenFile(INSTANCES, kept.path, kept.size, kept.rows,
+                                      kept.modification_time))
+    rows = pa.concat_tables(moved)
+    errors = rows.select([c for c in ERROR_COLUMNS if c in rows.column_names
+                          and c not in ("error_kind", "error", "ingested_at")])
+    n = errors.num_rows
+    errors = errors.append_column("error_kind", pa.array([ErrorKind.DUPLICATE.value] * n))
+    errors = errors.append_column(
+        "error", pa.array([duplicates[p] for p in errors.column("path").to_pylist()]))
+    errors = errors.append_column(
+        "ingested_at", pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC")))
+    name = f"part-duplicates-{uuid.uuid4().hex}.parquet"
+    pq.write_table(errors.cast(schemas[ERRORS]), errors_dir / name, compression="zstd")
+    st = (errors_dir / name).stat()
+    result.append(WrittenFile(ERRORS, name, st.st_size, n, int(st.st_mtime * 1000)))
+    return result
+
+
+def _read_frame(spark: SparkSession, sources: list[Source]) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    df = (spark.read.format("dicom").option("mode", "PERMISSIVE")
+          .option("paths", json.dumps([s.path for s in sources])).load())
+    return (df.withColumn("ingested_at", F.current_timestamp())
+              .withColumn("error", F.col(CORRUPT_RECORD))
+              .withColumn("error_kind", F.col(ERROR_KIND))
+              .withColumn(TABLE_COLUMN, F.when(F.col(CORRUPT_RECORD).isNull(), F.lit(INSTANCES))
+                          .otherwise(F.lit(ERRORS))))
+
+
+def refresh_summaries(spark: SparkSession, warehouse: Warehouse) -> dict[str, int]:
+    """Rebuild ``dicom.series`` and ``dicom.studies`` from ``dicom.instances`` (one commit each)."""
+    from dicomlake.catalog.delta import active_files
+
+    versions: dict[str, int] = {}
+    for table, sql in ((SERIES, SERIES_SQL), (STUDIES, STUDIES_SQL)):
+        path = warehouse.table_path(SCHEMA, table)
+        df = spark.sql(sql).coalesce(1)
+        written = write_files(df, [TableTarget(table, str(path), tuple(df.columns))])
+        version = commit(path, arrow_schema_of(df, df.columns), written,
+                         active_files(path), operation="SUMMARY")
+        if version is not None:
+            versions[table] = version
+        warehouse.register(spark, only=(SCHEMA, table))
+    return versions
+
+
+def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
+           force: bool = False, progress: Callable[[int], None] | None = None,
+           on_plan: Callable[[int, int], None] | None = None) -> IngestResult:
+    """Ingest files, folders and globs into the warehouse.
+
+    Args:
+        spark: a session from :func:`dicomlake.build_session`.
+        warehouse: where the ``dicom`` tables live.
+        paths: archives, DICOM files, folders (recursive) and globs.
+        force: re-read sources even when their fingerprint is already stored.
+        progress: called with the number of files finished since the last call.
+        on_plan: called once with (files to read, sources skipped) before reading.
+    """
+    started = time.perf_counter()
+    result = IngestResult()
+    sources = plan_sources(paths)
+    counts = _existing_counts(warehouse)
+    to_read = [s for s in sources if force or not _is_stored(s, counts)]
+    result.sources = len(sources)
+    result.sources_skipped = len(sources) - len(to_read)
+    result.files_seen = sum(s.input_count for s in to_read)
+    if on_plan:
+        on_plan(result.files_seen, result.sources_skipped)
+    if not to_read:
+        result.seconds = time.perf_counter() - started
+        return result
+
+    inst_dir = warehouse.table_path(SCHEMA, INSTANCES)
+    err_dir = warehouse.table_path(SCHEMA, ERRORS)
+    frame = _read_frame(spark, to_read)
+    targets = [
+        TableTarget(INSTANCES, str(inst_dir), INSTANCE_COLUMNS,
+                    key_columns=("sop_instance_uid", "path")),
+        TableTarget(ERRORS, str(err_dir), ERROR_COLUMNS, key_columns=("error_kind",)),
+    ]
+    schemas = {t.key: arrow_schema_of(frame, t.columns) for t in targets}
+    with _Progress(spark, result.files_seen, progress or (lambda n: None)):
+        written = write_files(frame, targets)
+
+    replaced = {s.path for s in to_read}
+    duplicates = _find_duplicates(warehouse, written, replaced)
+    if duplicates:
+        written = _split_duplicates(inst_dir, err_dir, written, duplicates, schemas)
+    result.duplicates = len(duplicates)
+
+    for table, table_dir in ((ERRORS, err_dir), (INSTANCES, inst_dir)):
+        removes, rewritten = _replace_sources(table_dir, replaced, schemas[table])
+        adds = [f for f in written if f.table == table] + rewritten
+        version = commit(table_dir, schemas[table], adds, removes, operation="INGEST")
+        if version is not None:
+            result.versions[table] = version
+        rows = sum(f.rows for f in written if f.table == table)
+        if table == ERRORS:
+            result.errors_recorded = rows
+        else:
+            result.rows_written = rows
+        warehouse.register(spark, only=(SCHEMA, table))
+
+    if (SCHEMA, INSTANCES) in warehouse.tables():
+        result.versions.update(refresh_summaries(spark, warehouse))
+    kinds = Counter(kind for f in written if f.table == ERRORS for (kind,) in f.keys)
+    if duplicates:
+        kinds[ErrorKind.DUPLICATE.value] += len(duplicates)
+    result.error_kinds = dict(sorted(kinds.items()))
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,1 @@
+"""JupyterLab extension: server handlers and front end (issue: JupyterLab extension)."""

@@ -1,0 +1,1 @@
+"""Trino-protocol SQL service over the lakehouse (issue: SQL service)."""
