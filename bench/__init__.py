@@ -1,0 +1,1 @@
+"""Benchmarks behind ``dicomlake bench``; each prints one JSON object with ``--json``."""

@@ -8,6 +8,7 @@ directory at start-up, which is cheap and avoids the single-process Derby metast
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -16,6 +17,9 @@ from dicomlake.config import Settings, load_settings
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+SESSION_HOOKS = ("dicomlake.catalog:register_data_sources",)
+"""``module:function`` called with every new session (data sources, UDFs, UDTFs), in order."""
 
 _LOCAL_DEFAULTS = {
     # Small data on a small machine: 200 shuffle partitions would mostly schedule empty tasks.
@@ -61,8 +65,10 @@ def build_session(settings: Settings | None = None, *, app_name: str = "dicomlak
     if not master.startswith("sc://"):
         spark.sparkContext.setLogLevel("ERROR")
 
-    from dicomlake.catalog import Warehouse, register_data_sources
+    for hook in SESSION_HOOKS:
+        module, function = hook.split(":")
+        getattr(importlib.import_module(module), function)(spark)
+    from dicomlake.catalog import Warehouse
 
-    register_data_sources(spark)
     Warehouse(settings.warehouse_path).register(spark)
     return spark

@@ -1,0 +1,112 @@
+"""``dicomlake sample | ingest | tables | sql``: the catalog's commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from dicomlake.catalog.sample import Profile, make_sample
+from dicomlake.console import run_sql, sql_shell, start_session
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write the archives into.")
+@click.option("--archives", default=8, show_default=True, help="Number of ZIP archives.")
+@click.option("--files", default=50, show_default=True, help="DICOM files per archive.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same archives.")
+@click.option("--profile", type=click.Choice([p.value for p in Profile]), default="mixed",
+              show_default=True, help="ctmr: only 512x512 CT/MR; mixed: also compressed, "
+              "multi-frame and small images.")
+def sample(out: Path, archives: int, files: int, seed: int, profile: str) -> None:
+    """Write realistic DICOM-in-ZIP sample archives (from pydicom's shipped images)."""
+    with tqdm(total=archives * files, unit="file", desc="sample") as bar:
+        paths = make_sample(out, archives=archives, files=files, seed=seed,
+                            profile=Profile(profile), progress=bar.update)
+    click.echo(f"wrote {len(paths)} archives ({archives * files} files) to {out}")
+
+
+def print_ingest_summary(result: object) -> None:
+    """The one-paragraph summary every ingest ends with."""
+    from dicomlake.catalog.ingest import IngestResult
+
+    assert isinstance(result, IngestResult)
+    rate = result.files_seen / result.seconds if result.seconds else 0.0
+    click.echo(
+        f"sources: {result.sources} ({result.sources_skipped} unchanged, skipped)\n"
+        f"files seen: {result.files_seen} = rows written: {result.rows_written} "
+        f"+ errors recorded: {result.errors_recorded}"
+        f"{'' if result.balanced else '  (MISMATCH: some inputs changed during ingest)'}\n"
+        f"time: {result.seconds:.1f} s ({rate:.0f} files/s)"
+    )
+    if result.error_kinds:
+        kinds = ", ".join(f"{k}: {v}" for k, v in result.error_kinds.items())
+        click.echo(f"errors by kind: {kinds}  (see: SELECT * FROM dicom.errors)")
+
+
+def run_ingest(spark: object, warehouse_path: Path, paths: tuple[str, ...],
+               force: bool) -> object:
+    """Ingest with a files/s progress bar and print the summary."""
+    from dicomlake.catalog.ingest import ingest
+    from dicomlake.catalog.warehouse import Warehouse
+
+    bar = tqdm(unit="file", desc="ingest", disable=None)
+
+    def planned(total: int, skipped: int) -> None:
+        bar.total = total
+        bar.refresh()
+
+    try:
+        result = ingest(spark, Warehouse(warehouse_path), paths, force=force,  # type: ignore[arg-type]
+                        progress=bar.update, on_plan=planned)
+        bar.update(max(0, (bar.total or 0) - bar.n))
+    finally:
+        bar.close()
+    print_ingest_summary(result)
+    return result
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Re-read sources even if already ingested.")
+def ingest(paths: tuple[str, ...], force: bool) -> None:
+    """Ingest ZIP archives, DICOM files, folders or globs into the dicom.* tables."""
+    settings, spark = start_session()
+    result = run_ingest(spark, settings.warehouse_path, paths, force)
+    if not getattr(result, "balanced", True):
+        sys.exit(1)
+
+
+@click.command()
+def tables() -> None:
+    """List the lake's tables with their row counts."""
+    from dicomlake.catalog.warehouse import Warehouse
+
+    settings, spark = start_session()
+    found = Warehouse(settings.warehouse_path).tables()
+    if not found:
+        click.echo(f"no tables yet in {settings.warehouse_path}; run `dicomlake ingest PATH`")
+        return
+    for schema, table in found:
+        n = spark.table(f"{schema}.{table}").count()
+        click.echo(f"{schema}.{table:<12} {n:>10} rows")
+
+
+@click.command()
+@click.option("-e", "--execute", "statements", multiple=True,
+              help="Run this statement and exit (repeatable); without it, open a shell.")
+@click.option("--limit", default=50, show_default=True, help="Rows to print per statement.")
+def sql(statements: tuple[str, ...], limit: int) -> None:
+    """Run Spark SQL against the lake, or open an interactive SQL shell."""
+    _, spark = start_session()
+    if not statements:
+        sql_shell(spark)
+        return
+    for statement in statements:
+        click.echo(run_sql(spark, statement, limit=limit))
+
+
+COMMANDS = [sample, ingest, tables, sql]

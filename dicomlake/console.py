@@ -1,0 +1,84 @@
+"""Terminal helpers shared by the commands: starting Spark visibly, printing result tables."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from dicomlake.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def start_session(settings: Settings | None = None) -> tuple[Settings, SparkSession]:
+    """Load settings and start Spark, telling the user why the first seconds are quiet."""
+    from dicomlake.session import build_session
+
+    settings = settings or load_settings()
+    click.echo(f"Starting Spark ({settings.spark.master}); this takes ~15 s ...", err=True)
+    started = time.perf_counter()
+    spark = build_session(settings)
+    click.echo(f"Spark ready in {time.perf_counter() - started:.1f} s; "
+               f"warehouse {settings.warehouse_path}", err=True)
+    return settings, spark
+
+
+def _cell(value: Any, width: int) -> str:
+    text = "NULL" if value is None else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                 max_width: int = 48) -> str:
+    """Rows as an aligned text table (what the SQL shell prints)."""
+    cells = [[_cell(v, max_width) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    out = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), line]
+    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(" " + o for o in out)
+
+
+def run_sql(spark: SparkSession, statement: str, *, limit: int = 50) -> str:
+    """Run one statement and render up to ``limit`` rows."""
+    df = spark.sql(statement)
+    rows = df.limit(limit + 1).collect()
+    more = len(rows) > limit
+    text = format_table(df.columns, [tuple(r) for r in rows[:limit]])
+    suffix = f"\n ({limit} rows shown; more exist)" if more else f"\n ({len(rows)} rows)"
+    return text + suffix
+
+
+def sql_shell(spark: SparkSession) -> None:
+    """A small interactive SQL prompt: statements end with ``;``, ``exit`` or Ctrl-D quits."""
+    try:
+        import readline  # noqa: F401 - enables line editing and history for input()
+    except ImportError:
+        pass
+    click.echo("dicomlake SQL (Spark SQL). End statements with ';'. Try: "
+               "SELECT modality, count(*) FROM dicom.instances GROUP BY modality;")
+    buffer: list[str] = []
+    while True:
+        try:
+            line = input("dicomlake> " if not buffer else "        -> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if not buffer and line.strip().lower() in ("exit", "quit", "\\q"):
+            return
+        buffer.append(line)
+        text = "\n".join(buffer).strip()
+        if not text.endswith(";"):
+            continue
+        buffer = []
+        try:
+            click.echo(run_sql(spark, text.rstrip(";")))
+        except Exception as exc:  # the shell must survive bad SQL and show why
+            message = str(exc).split("\n", 1)[0]
+            click.echo(click.style(f"error: {message}", fg="red"), err=True)
+        sys.stdout.flush()

@@ -1,0 +1,43 @@
+"""Shared fixtures: ONE Spark session per test run, small sample data made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomlake.catalog.sample import Profile, make_sample
+from dicomlake.config import Settings
+
+
+@pytest.fixture(scope="session")
+def lake_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private DICOMLAKE_HOME for the whole run (never the user's ~/.dicomlake)."""
+    home = tmp_path_factory.mktemp("dicomlake-home")
+    os.environ["DICOMLAKE_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def settings(lake_home: Path) -> Settings:
+    return Settings(home=lake_home)
+
+
+@pytest.fixture(scope="session")
+def spark(settings: Settings):
+    """The run's only Spark session (local[2]); tests must not stop it."""
+    from dicomlake.config import SparkSettings
+    from dicomlake.session import build_session
+
+    session = build_session(Settings(home=settings.home,
+                                     spark=SparkSettings(master="local[2]", driver_memory="2g")))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_archives(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three small mixed-profile archives (20 files each), made once per run."""
+    out = tmp_path_factory.mktemp("samples")
+    return make_sample(out, archives=3, files=20, seed=3, profile=Profile.MIXED, workers=1)
