@@ -42,7 +42,8 @@ def _to_json(ds: Any) -> str:
 
 
 class _BaselineReader(DataSourceReader):
-    def __init__(self, paths: tuple[str, ...], parse: Callable[[str], Iterator[tuple[str, str]]]):
+    def __init__(self, paths: tuple[str, ...],
+                 parse: Callable[[str], Iterator[tuple[str, str]]]) -> None:
         self.paths = paths
         self.parse = parse
 
@@ -120,7 +121,7 @@ def run(*, files: int = 2000, files_per_archive: int = 50) -> dict[str, Any]:
 
     folder = sample_dir(files, files_per_archive)
     n_files = len(expand_paths([str(folder)])) * files_per_archive
-    settings, spark = start_session()
+    _, spark = start_session()
     spark.dataSource.register(ZipdcmBaselineDataSource)
     spark.dataSource.register(ExtractBaselineDataSource)
     cores = spark.sparkContext.defaultParallelism

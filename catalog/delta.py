@@ -123,14 +123,13 @@ def write_files(df: DataFrame, targets: list[TableTarget]) -> list[WrittenFile]:
     returned files are what :func:`commit` needs; if the job fails nothing is referenced.
     """
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import to_arrow_schema
 
     if TABLE_COLUMN not in df.columns:
         if len(targets) != 1:
             raise ValueError("write_files needs a _dicomlake_table column for several targets")
         df = df.withColumn(TABLE_COLUMN, F.lit(targets[0].key))
     by_key = {t.key: t for t in targets}
-    schemas = {t.key: to_arrow_schema(df.select(*t.columns).schema, timezone="UTC") for t in targets}
+    schemas = {t.key: arrow_schema_of(df, t.columns) for t in targets}
     job_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
     manifest = df.mapInArrow(_file_writer(by_key, job_id, schemas), _MANIFEST_DDL).collect()
     return [

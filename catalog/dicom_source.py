@@ -209,7 +209,8 @@ def plan_partitions(sources: list[Source], options: DicomOptions) -> list[DicomI
             n = len(source.members)
             step = options.members_per_partition
             for start in range(0, max(n, 1), step):
-                parts.append(DicomInputPartition((SourceSlice(source, start, min(n, start + step)),)))
+                piece = SourceSlice(source, start, min(n, start + step))
+                parts.append(DicomInputPartition((piece,)))
         else:
             loose.append(SourceSlice(source))
     for i in range(0, len(loose), options.files_per_partition):
@@ -426,7 +427,7 @@ class DicomDataSourceReader(DataSourceReader):
         inp = _Input(source.path, source, None, None, source.size, None, None,
                      dt.datetime.fromtimestamp(source.mtime_ns / 1e9, tz=dt.UTC))
         try:
-            fp = open(source.path, "rb")  # noqa: SIM115 - closed below
+            fp = open(source.path, "rb")
         except OSError as exc:
             yield from self._error(inp, ErrorKind.UNREADABLE,
                                    f"cannot open {source.path}: {exc.strerror}")

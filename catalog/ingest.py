@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 SCHEMA = "dicom"
 INSTANCES, ERRORS, SERIES, STUDIES = "instances", "errors", "series", "studies"
 
-INSTANCE_COLUMNS: tuple[str, ...] = tuple(
-    f.name for f in dicom_schema().fields if f.name not in (CORRUPT_RECORD, ERROR_KIND)
-) + ("ingested_at",)
+INSTANCE_COLUMNS: tuple[str, ...] = (
+    *(f.name for f in dicom_schema().fields if f.name not in (CORRUPT_RECORD, ERROR_KIND)),
+    "ingested_at",
+)
 ERROR_COLUMNS: tuple[str, ...] = (
     *(f.name for f in PROVENANCE.fields), "error_kind", "error", "ingested_at")
 
@@ -228,7 +229,8 @@ def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFi
         data = pq.read_table(table_dir / f.path)
         is_dup = pc.is_in(data.column("path"), dup_paths)
         moved.append(data.filter(is_dup))
-        kept = _rewrite(table_dir, f.path, lambda t: pc.invert(is_dup), schemas[INSTANCES])
+        kept = _rewrite(table_dir, f.path,
+                        lambda t, dup=is_dup: pc.invert(dup), schemas[INSTANCES])
         (table_dir / f.path).unlink()
         if kept is not None:
             result.append(WrittenFile(INSTANCES, kept.path, kept.size, kept.rows,
