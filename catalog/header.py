@@ -33,6 +33,8 @@ from dicomlake.catalog.errors import ErrorKind, HeaderError
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 """Pixel Data, Float Pixel Data, Double Float Pixel Data: where a header ends."""
 
+DEFLATED_EXPLICIT_VR = "1.2.840.10008.1.2.1.99"
+
 INLINE_BINARY_MAX = 64
 """Binary values up to this many bytes go inline (base64); larger ones become BulkDataURIs."""
 
@@ -282,6 +284,8 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
 
     file_meta = getattr(ds, "file_meta", None)
     tsuid = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    if tsuid == DEFLATED_EXPLICIT_VR:
+        size = None  # positions are in the inflated stream, not comparable to the file size
     little = ds.original_encoding[1] is not False
 
     pixel_representation = 0
@@ -307,12 +311,34 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
                     f"{end - size} bytes short (file truncated)",
                 )
         meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={offset}"}
+    elif size is not None and _end_of_last_element(ds) not in (None, size):
+        raise HeaderError(ErrorKind.TRUNCATED,
+                          f"file ends inside a data element after byte "
+                          f"{_end_of_last_element(ds)} of {size} (file truncated)")
+    elif "00280010" in meta and "00280011" in meta:
+        raise HeaderError(ErrorKind.TRUNCATED,
+                          "image attributes (0028,0010) Rows and (0028,0011) Columns are present "
+                          "but there is no (7FE0,0010) PixelData: the file is truncated")
     return Header(
         meta=meta,
         transfer_syntax_uid=tsuid or None,
         pixel_data_offset=pixel_offset,
         pixel_data_length=pixel_length,
     )
+
+
+def _end_of_last_element(ds: Dataset) -> int | None:
+    """Where the last top-level element ends, when that is known from its raw form.
+
+    pydicom stops quietly when a file ends inside an element header; bytes left over after
+    the last complete element are the trace of that truncation.
+    """
+    if not ds._dict:
+        return None
+    last = ds._dict[max(ds._dict)]
+    if not getattr(last, "is_raw", False) or last.length == 0xFFFFFFFF:
+        return None
+    return int(last.value_tell) + int(last.length)
 
 
 def parse_da(value: str | None, tag_label: str) -> dt.date | None:

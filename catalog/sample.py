@@ -33,7 +33,8 @@ class Profile(StrEnum):
     CTMR = "ctmr"
     """Only 512x512 uncompressed CT and MR (what the ingest benchmark uses)."""
     MIXED = "mixed"
-    """Mostly 512x512 CT/MR plus JPEG 2000, RLE, multi-frame and small images."""
+    """Mostly 512x512 CT/MR plus JPEG 2000, RLE, multi-frame and small images; the first
+    archive also holds a README.txt, as exported archives often do."""
 
 
 _LARGE = ("693_UNCI.dcm", "693_UNCR.dcm", "MR2_UNCR.dcm")
@@ -103,15 +104,18 @@ def _make_archive(job: _ArchiveJob) -> int:
     names = _LARGE if job.profile is Profile.CTMR else _LARGE * 6 + _EXTRA
     path = job.out / f"archive_{job.seed:02d}_{job.index:05d}.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        if job.profile is Profile.MIXED and job.index == 0:
+            # Real archives carry notes next to the images; they become error records.
+            zf.writestr("README.txt", "Exported by dicomlake sample. Not for clinical use.\n")
         n = 0
         study = 0
         while n < job.files:
             study += 1
             study_uid = generate_uid(entropy_srcs=[str(job.seed), patient, str(study)])
-            date = f"{rng.randint(2015, 2026)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+            tpl_name = rng.choice(names)  # one modality per study, as acquired
+            date = f"{rng.randint(2015, 2025)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
             accession = f"ACC{rng.randint(10**6, 10**7 - 1)}"
             for series in range(1, rng.randint(1, 3) + 1):
-                tpl_name = rng.choice(names)
                 series_uid = generate_uid(entropy_srcs=[study_uid, str(series)])
                 count = min(job.files - n, rng.randint(8, 40))
                 for k in range(count):

@@ -38,7 +38,7 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
     """Rows as an aligned text table (what the SQL shell prints)."""
     cells = [[_cell(v, max_width) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line = "+".join("-" * (w + 2) for w in widths)
+    line = "-+-".join("-" * w for w in widths)
     out = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), line]
     out += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(" " + o for o in out)
