@@ -284,8 +284,6 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
 
     file_meta = getattr(ds, "file_meta", None)
     tsuid = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
-    if tsuid == DEFLATED_EXPLICIT_VR:
-        size = None  # positions are in the inflated stream, not comparable to the file size
     little = ds.original_encoding[1] is not False
 
     pixel_representation = 0
@@ -295,6 +293,9 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
     ctx = _Context(uri=uri, pixel_representation=pixel_representation)
     meta = _dataset_to_json(ds, ctx)
 
+    if tsuid == DEFLATED_EXPLICIT_VR:
+        # pydicom inflated the dataset into its own buffer: positions in ``fp`` mean nothing.
+        return Header(meta, tsuid, None, None)
     offset = fp.tell()
     pixel = _pixel_element_header(fp, little)
     pixel_offset = pixel_length = None

@@ -245,6 +245,7 @@ def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFi
     errors = errors.append_column(
         "ingested_at", pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC")))
     name = f"part-duplicates-{uuid.uuid4().hex}.parquet"
+    errors_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(errors.cast(schemas[ERRORS]), errors_dir / name, compression="zstd")
     st = (errors_dir / name).stat()
     result.append(WrittenFile(ERRORS, name, st.st_size, n, int(st.st_mtime * 1000)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
@@ -32,12 +31,3 @@ def set_encrypted_flag(path: Path) -> None:
             data[at + offset] |= 0x01
             start = at + 4
     path.write_bytes(bytes(data))
-
-
-def corrupt_after_header(dicom: bytes) -> bytes:
-    """A stored-then-deflated member whose pixel data region is garbage: a header-only reader
-    still reads it, a whole-file reader fails."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("IM1.dcm", dicom)
-    return buf.getvalue()

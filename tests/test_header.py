@@ -7,10 +7,10 @@ import json
 
 import pydicom
 import pytest
+from dicom_files import shipped
 
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.header import INLINE_BINARY_MAX, read_header
-from dicom_files import shipped
 
 
 def _read(data: bytes, uri: str = "mem://x.dcm"):
