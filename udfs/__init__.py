@@ -1,1 +1,73 @@
-"""Image pixels, embeddings, PQ codes and image_knn (issue: image similarity in SQL)."""
+"""Image pixels, embeddings, PQ codes, code stores and ``image_knn`` (similarity in SQL).
+
+Registered in every session by :func:`register_functions` (a ``SESSION_HOOKS`` entry):
+
+* ``image_knn(query => ..., k => ..., nprobe => ..., refine => ..., filter => ..., frame => ...)``
+  table-valued function (see :mod:`dicomlake.udfs.knn`);
+* ``dicom_thumbnail(path)`` -> PNG bytes of the first frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicomlake.udfs.errors import (
+    CodebookError,
+    CodeStoreError,
+    EmbeddingError,
+    KnnError,
+    PixelError,
+    PixelErrorKind,
+)
+from dicomlake.udfs.settings import CodeStoreKind, SimilaritySettings, load_similarity
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from dicomlake.config import Settings
+
+__all__ = [
+    "CodeStoreError",
+    "CodeStoreKind",
+    "CodebookError",
+    "EmbeddingError",
+    "KnnError",
+    "PixelError",
+    "PixelErrorKind",
+    "SimilaritySettings",
+    "load_similarity",
+    "register_functions",
+]
+
+
+def _session_settings(spark: SparkSession) -> Settings:
+    """The settings a session was built with: its home is the warehouse dir's parent."""
+    from dicomlake.config import Settings, load_settings
+
+    loaded = load_settings()
+    conf = spark.conf.get("spark.sql.warehouse.dir", None) or ""
+    conf = conf.removeprefix("file:").removeprefix("//")
+    if conf and Path(conf).name == "spark-warehouse" and Path(conf).parent != loaded.home:
+        return Settings(home=Path(conf).parent)
+    return loaded
+
+
+def register_functions(spark: SparkSession, settings: Settings | None = None,
+                       similarity: SimilaritySettings | None = None) -> None:
+    """Register ``image_knn`` and ``dicom_thumbnail`` for this lake in a session.
+
+    Called by :func:`dicomlake.build_session`; call it again with other ``similarity``
+    settings to point ``image_knn`` at another code store.
+    """
+    from pyspark.sql.functions import pandas_udf, udtf
+
+    from dicomlake.udfs import sqlfuncs
+    from dicomlake.udfs.knn import KNN_DDL, make_udtf
+
+    settings = settings or _session_settings(spark)
+    similarity = similarity or load_similarity(settings)
+    handler = make_udtf(str(settings.home), str(settings.warehouse_path), similarity)
+    spark.udtf.register("image_knn", udtf(handler, returnType=KNN_DDL))
+
+    spark.udf.register("dicom_thumbnail", pandas_udf(sqlfuncs.dicom_thumbnail, "binary"))

@@ -1,0 +1,230 @@
+"""``image_knn(query => ..., k => ...)``: a Spark SQL table-valued function (Python UDTF).
+
+Usage::
+
+    SELECT i.*, n.distance
+    FROM image_knn(query => '1.2.826...', k => 10, filter => "modality = 'CT'") n
+    JOIN dicom.instances i USING (sop_instance_uid)
+
+    SELECT q.sop_instance_uid AS query, n.*
+    FROM dicom.instances q, LATERAL image_knn(query => q.sop_instance_uid, k => 3) n
+
+``query`` is a SOPInstanceUID (digits and dots), an image path (``<archive>!/<member>`` or a
+file), or an embedding (``array<float>``). Output: ``rank, sop_instance_uid, frame,
+distance`` (L2), nearest first. The search runs in the Python worker: the codebook, codes
+(from the configured store), exact vectors for ``refine`` and filter columns are loaded once
+per worker and re-loaded only when their table (or HBase generation) changed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomlake.udfs import pq
+from dicomlake.udfs.codestore import check_versions, open_store
+from dicomlake.udfs.errors import CodebookError, KnnError
+from dicomlake.udfs.search import CodeIndex
+from dicomlake.udfs.settings import SimilaritySettings
+
+KNN_DDL = "rank int, sop_instance_uid string, frame int, distance double"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def _table_version(path: Path) -> int:
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(str(path)):
+        return -1
+    return DeltaTable(str(path)).version()
+
+
+def _vectors(table: Any) -> np.ndarray:
+    col = table.column("embedding").combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(table.num_rows, -1) if table.num_rows else np.zeros((0, 0), np.float32)
+
+
+@dataclass
+class Searcher:
+    """Everything one worker needs to answer queries, refreshed when tables change."""
+
+    home: Path
+    warehouse: Path
+    similarity: SimilaritySettings
+    _stamps: dict[str, object] = field(default_factory=dict)
+    book: pq.Codebook | None = None
+    index: CodeIndex | None = None
+    exact: np.ndarray | None = None
+    exact_rows: np.ndarray | None = None
+    emb_keys: dict[tuple[str, int], int] = field(default_factory=dict)
+    _filters: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def _path(self, table: str) -> Path:
+        return self.warehouse / "dicom" / table
+
+    def refresh(self) -> None:
+        """Reload the codebook, codes and exact vectors if any of them changed."""
+        store = open_store(self.warehouse, self.similarity)
+        stamps = {"book": _table_version(self._path(pq.CODEBOOKS)),
+                  "codes": (store.name, store.generation()),
+                  "emb": _table_version(self._path("embeddings"))}
+        if stamps == self._stamps and self.index is not None:
+            return
+        self.book = pq.latest(self._path(pq.CODEBOOKS))
+        if self.book is None:
+            raise CodebookError(
+                f"image_knn: no PQ codebook yet in {self._path(pq.CODEBOOKS)}; run "
+                "`dicomlake embed` (it trains one once images are embedded)")
+        codes = store.load()
+        check_versions(codes, self.book.version, store.name)
+        n = codes.num_rows
+        raw = b"".join(codes.column("code").to_pylist()) if n else b""
+        code_arr = np.frombuffer(raw, np.uint8).reshape(n, self.book.m)
+        self.index = CodeIndex.build(
+            self.book, np.array(codes.column("sop_instance_uid").to_pylist(), dtype=object),
+            np.asarray(codes.column("frame").to_numpy(zero_copy_only=False), np.int32),
+            code_arr, np.asarray(codes.column("list_id").to_numpy(zero_copy_only=False),
+                                 np.int32))
+        self._load_exact()
+        self._filters.clear()
+        self._stamps = stamps
+
+    def _load_exact(self) -> None:
+        from dicomlake.catalog.delta import read_columns
+
+        assert self.index is not None and self.book is not None
+        emb = read_columns(self._path("embeddings"),
+                           ["sop_instance_uid", "frame", "model_version", "embedding"])
+        if emb.num_rows:
+            import pyarrow.compute as pc
+
+            emb = emb.filter(pc.equal(emb.column("model_version"), self.book.model_version))
+        self.emb_keys = {(u, int(f)): i for i, (u, f) in enumerate(zip(
+            emb.column("sop_instance_uid").to_pylist(), emb.column("frame").to_pylist(),
+            strict=True))}
+        self.exact = _vectors(emb) if emb.num_rows else None
+        self.exact_rows = np.array(
+            [self.emb_keys.get((u, int(f)), -1) for u, f in zip(
+                self.index.ids.tolist(), self.index.frames.tolist(), strict=True)],
+            dtype=np.int64)
+
+    def allowed(self, text: str) -> np.ndarray:
+        """Bool per index row: does the row's instance pass the metadata filter?"""
+        if text in self._filters:
+            return self._filters[text]
+        from dicomlake.catalog.delta import read_columns
+        from dicomlake.udfs.filters import parse_filter
+
+        path = self._path("instances")
+        from deltalake import DeltaTable
+
+        columns = {f.name for f in DeltaTable(str(path)).schema().fields} if \
+            DeltaTable.is_deltatable(str(path)) else {"sop_instance_uid"}
+        expr, used = parse_filter(text, columns)
+        data = read_columns(path, sorted(used | {"sop_instance_uid"}))
+        passing = set(data.filter(expr).column("sop_instance_uid").to_pylist()) \
+            if data.num_rows else set()
+        assert self.index is not None
+        mask = np.fromiter((u in passing for u in self.index.ids.tolist()), dtype=bool,
+                           count=self.index.size)
+        self._filters[text] = mask
+        return mask
+
+    def query_vector(self, query: Any, frame: int) -> np.ndarray:
+        """The embedding a query stands for (see the module docstring)."""
+        assert self.book is not None
+        if isinstance(query, list | tuple | np.ndarray):
+            if len(query) == 0:
+                raise KnnError("image_knn: the query embedding is empty")
+            vec = np.asarray([np.nan if v is None else v for v in query], dtype=np.float32)
+            return self.book.check_vectors(vec, "image_knn query embedding")[0]
+        if not isinstance(query, str) or not query.strip():
+            raise KnnError(f"image_knn: query must be a SOPInstanceUID, an image path or an "
+                           f"array<float> embedding, got {query!r}")
+        text = query.strip()
+        if _UID.match(text):
+            row = self.emb_keys.get((text, frame))
+            if row is None or self.exact is None:
+                raise KnnError(
+                    f"image_knn: no embedding for SOPInstanceUID {text!r} frame {frame}; "
+                    "check the id in dicom.instances, or run `dicomlake embed` if it was "
+                    "ingested after the last embed")
+            return self.exact[row]
+        from dicomlake.udfs.errors import PixelError
+        from dicomlake.udfs.model import get_embedder
+        from dicomlake.udfs.pixels import model_inputs
+
+        try:
+            images = model_inputs(text)
+        except PixelError as exc:
+            raise KnnError(f"image_knn: query image cannot be used: {exc}") from exc
+        if not 0 <= frame < len(images):
+            raise KnnError(f"image_knn: query image {text} has {len(images)} frame(s); "
+                           f"frame {frame} does not exist")
+        vec = get_embedder(self.home).embed(images[frame:frame + 1])
+        return self.book.check_vectors(vec, "image_knn query image")[0]
+
+    def search(self, query: Any, k: int, *, nprobe: int | None = None,
+               refine: int | None = None, filter_text: str | None = None, frame: int = 0
+               ) -> list[tuple[int, str, int, float]]:
+        """Ranked (rank, sop_instance_uid, frame, distance) rows."""
+        self.refresh()
+        assert self.index is not None
+        vec = self.query_vector(query, frame)
+        nprobe = self.similarity.nprobe if nprobe is None else nprobe
+        refine = self.similarity.refine if refine is None else refine
+        if nprobe <= 0 or refine < 0:
+            raise KnnError(f"image_knn: nprobe must be > 0 and refine >= 0, got nprobe="
+                           f"{nprobe}, refine={refine}")
+        allowed = self.allowed(filter_text) if filter_text else None
+        rows, dist = self.index.search(vec, max(k, refine), nprobe=nprobe, allowed=allowed)
+        if refine and self.exact is not None and self.exact_rows is not None and len(rows):
+            ex = self.exact_rows[rows]
+            have = ex >= 0
+            exact = ((self.exact[ex[have]] - vec[np.newaxis]) ** 2).sum(axis=1)
+            dist = dist.astype(np.float64)
+            dist[have] = exact
+            order = np.argsort(dist, kind="stable")
+            rows, dist = rows[order], dist[order]
+        rows, dist = rows[:k], dist[:k]
+        return [(i + 1, str(self.index.ids[r]), int(self.index.frames[r]),
+                 float(np.sqrt(max(d, 0.0)))) for i, (r, d) in enumerate(zip(rows, dist,
+                                                                              strict=True))]
+
+
+_SEARCHERS: dict[tuple[str, str, str], Searcher] = {}
+
+
+def searcher(home: str, warehouse: str, similarity: SimilaritySettings) -> Searcher:
+    """The worker's searcher for this lake and store (kept across queries)."""
+    key = (home, warehouse, repr(similarity))
+    if key not in _SEARCHERS:
+        _SEARCHERS[key] = Searcher(Path(home), Path(warehouse), similarity)
+    return _SEARCHERS[key]
+
+
+def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings) -> type:
+    """The UDTF handler class bound to one lake (the class is pickled to the workers)."""
+
+    class ImageKnn:
+        """Python UDTF handler for ``image_knn``."""
+
+        def eval(self, query: Any, k: int = 10, nprobe: int | None = None,
+                 refine: int | None = None, filter: str | None = None,
+                 frame: int = 0) -> Iterator[tuple[int, str, int, float]]:
+            if k is None or int(k) <= 0:
+                raise KnnError(f"image_knn: k must be a positive integer, got {k}")
+            if query is None:
+                raise KnnError("image_knn: query is NULL; pass a SOPInstanceUID, an image "
+                               "path or an embedding")
+            yield from searcher(home, warehouse, similarity).search(
+                query, int(k), nprobe=nprobe, refine=refine, filter_text=filter,
+                frame=int(frame or 0))
+
+    return ImageKnn

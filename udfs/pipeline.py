@@ -1,0 +1,210 @@
+"""``dicomlake embed``: pixels -> embeddings -> PQ codebook -> codes, for new rows only.
+
+Each step is one atomic commit: embeddings and pixel errors (one job, two Delta tables),
+then a codebook version when none fits yet (or ``retrain``), then codes into the configured
+store. A retrain re-encodes every embedding, replacing all codes in one write. A step that
+fails leaves the earlier steps committed, and the next run resumes where it stopped
+(instances without embeddings, embeddings without codes of the current codebook).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dicomlake.catalog.delta import (
+    TableTarget,
+    arrow_schema_of,
+    commit,
+    read_columns,
+    write_files,
+)
+from dicomlake.catalog.warehouse import Warehouse
+from dicomlake.udfs import model as model_mod
+from dicomlake.udfs import pq
+from dicomlake.udfs.codestore import open_store
+from dicomlake.udfs.embeddings import (
+    EMBED_DDL,
+    EMBEDDING_COLUMNS,
+    EMBEDDINGS,
+    PIXEL_ERROR_COLUMNS,
+    PIXEL_ERRORS,
+    embed_batches,
+    encode_batches,
+)
+from dicomlake.udfs.errors import CodebookError
+from dicomlake.udfs.settings import SimilaritySettings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from dicomlake.config import Settings
+
+SCHEMA = "dicom"
+
+
+@dataclass
+class EmbedResult:
+    """What one ``embed`` run did."""
+
+    instances: int = 0
+    embeddings: int = 0
+    pixel_errors: int = 0
+    codebook_version: int | None = None
+    trained: bool = False
+    codes_written: int = 0
+    store: str = ""
+    seconds: float = 0.0
+
+
+def _done_uids(warehouse: Warehouse, version: str) -> set[str]:
+    done: set[str] = set()
+    for table in (EMBEDDINGS, PIXEL_ERRORS):
+        data = read_columns(warehouse.table_path(SCHEMA, table),
+                            ["sop_instance_uid", "model_version"])
+        for uid, ver in zip(data.column("sop_instance_uid").to_pylist(),
+                            data.column("model_version").to_pylist(), strict=True):
+            if ver == version:
+                done.add(uid)
+    return done
+
+
+def _todo(spark: SparkSession, warehouse: Warehouse, version: str) -> DataFrame | None:
+    if (SCHEMA, "instances") not in warehouse.tables():
+        return None
+    inst = spark.table(f"{SCHEMA}.instances").select("sop_instance_uid", "path").where(
+        "sop_instance_uid IS NOT NULL")
+    done = _done_uids(warehouse, version)
+    if done:
+        done_df = spark.createDataFrame([(u,) for u in sorted(done)], "sop_instance_uid string")
+        inst = inst.join(done_df, "sop_instance_uid", "left_anti")
+    return inst
+
+
+def embed_instances(spark: SparkSession, settings: Settings, similarity: SimilaritySettings,
+                    *, progress: Callable[[int], None] | None = None,
+                    on_plan: Callable[[int], None] | None = None) -> tuple[int, int, int]:
+    """Embed every instance that has no embedding (or pixel error) for the current model.
+
+    Returns (instances read, embedding rows, pixel error rows).
+    """
+    from dicomlake.catalog.ingest import _Progress
+
+    warehouse = Warehouse(settings.warehouse_path)
+    model_mod.export_onnx(settings.home)  # once, on the driver, before workers need it
+    version = model_mod.model_version()
+    todo = _todo(spark, warehouse, version)
+    if todo is None:
+        return 0, 0, 0
+    count = todo.count()
+    if on_plan:
+        on_plan(count)
+    if count == 0:
+        return 0, 0, 0
+    parallel = spark.sparkContext.defaultParallelism
+    todo = todo.repartition(max(parallel, min(count // 64, 4 * parallel)))
+    rows = todo.mapInArrow(embed_batches(str(settings.home), similarity.batch_size), EMBED_DDL)
+    targets = [
+        TableTarget(EMBEDDINGS, str(warehouse.table_path(SCHEMA, EMBEDDINGS)), EMBEDDING_COLUMNS),
+        TableTarget(PIXEL_ERRORS, str(warehouse.table_path(SCHEMA, PIXEL_ERRORS)),
+                    PIXEL_ERROR_COLUMNS),
+    ]
+    with _Progress(spark, count, progress or (lambda n: None)):
+        written = write_files(rows, targets)
+    totals = {}
+    for target in targets:
+        adds = [f for f in written if f.table == target.key]
+        commit(target.path, arrow_schema_of(rows, target.columns), adds, operation="EMBED")
+        totals[target.key] = sum(f.rows for f in adds)
+        if adds:
+            warehouse.register(spark, only=(SCHEMA, target.key))
+    return count, totals[EMBEDDINGS], totals[PIXEL_ERRORS]
+
+
+def _embeddings_frame(spark: SparkSession, warehouse: Warehouse, version: str) -> DataFrame:
+    return spark.table(f"{SCHEMA}.{EMBEDDINGS}").where(
+        f"model_version = '{version}'").select("sop_instance_uid", "frame", "embedding")
+
+
+def train_codebook(spark: SparkSession, settings: Settings, similarity: SimilaritySettings,
+                   ) -> pq.Codebook:
+    """Train a new codebook version on a sample of the current model's embeddings."""
+    import numpy as np
+
+    warehouse = Warehouse(settings.warehouse_path)
+    version = model_mod.model_version()
+    emb = _embeddings_frame(spark, warehouse, version)
+    total = emb.count()
+    if total == 0:
+        raise CodebookError("no embeddings to train a PQ codebook on; run `dicomlake embed` "
+                            "after ingesting images")
+    if total > similarity.train_sample:
+        emb = emb.sample(fraction=min(1.0, 1.2 * similarity.train_sample / total), seed=7)
+    data = emb.select("embedding").toArrow()
+    flat = data.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = flat.reshape(data.num_rows, -1)[: similarity.train_sample]
+    books = warehouse.table_path(SCHEMA, pq.CODEBOOKS)
+    previous = pq.latest(books)
+    nlist = min(similarity.nlist, len(vectors)) if similarity.nlist else 0
+    book = pq.train(np.asarray(vectors, np.float32), m=similarity.m, nlist=nlist,
+                    version=(previous.version + 1) if previous else 1,
+                    model_id=model_mod.MODEL_ID, model_version=version)
+    pq.save(books, book)
+    warehouse.register(spark, only=(SCHEMA, pq.CODEBOOKS))
+    return book
+
+
+def encode_codes(spark: SparkSession, settings: Settings, similarity: SimilaritySettings,
+                 book: pq.Codebook, *, everything: bool) -> int:
+    """Encode embeddings without a code of ``book`` (all of them when ``everything``)."""
+    warehouse = Warehouse(settings.warehouse_path)
+    store = open_store(settings.warehouse_path, similarity)
+    store.check()
+    emb = _embeddings_frame(spark, warehouse, book.model_version)
+    if not everything:
+        stored = store.load()
+        import pyarrow.compute as pc
+
+        current = stored.filter(pc.equal(stored.column("codebook_version"), book.version))
+        if current.num_rows:
+            have = spark.createDataFrame(
+                list(zip(current.column("sop_instance_uid").to_pylist(),
+                         current.column("frame").to_pylist(), strict=True)),
+                "sop_instance_uid string, frame int")
+            emb = emb.join(have, ["sop_instance_uid", "frame"], "left_anti")
+        # codes of an older codebook left behind (an interrupted retrain) are replaced too
+        everything = current.num_rows != stored.num_rows
+        if everything:
+            emb = _embeddings_frame(spark, warehouse, book.model_version)
+    from dicomlake.udfs.codestore import CODES_DDL
+
+    codes = emb.mapInArrow(encode_batches(book), CODES_DDL)
+    return store.write(codes, replace=everything)
+
+
+def embed(spark: SparkSession, settings: Settings, similarity: SimilaritySettings, *,
+          retrain: bool = False, progress: Callable[[int], None] | None = None,
+          on_plan: Callable[[int], None] | None = None) -> EmbedResult:
+    """The whole pipeline for new rows (see the module docstring)."""
+    started = time.perf_counter()
+    result = EmbedResult(store=similarity.code_store.value)
+    open_store(settings.warehouse_path, similarity).check()  # fail before any work
+    result.instances, result.embeddings, result.pixel_errors = embed_instances(
+        spark, settings, similarity, progress=progress, on_plan=on_plan)
+    warehouse = Warehouse(settings.warehouse_path)
+    if (SCHEMA, EMBEDDINGS) not in warehouse.tables():
+        result.seconds = time.perf_counter() - started
+        return result
+    book = pq.latest(warehouse.table_path(SCHEMA, pq.CODEBOOKS))
+    stale = book is None or book.model_version != model_mod.model_version()
+    if retrain or stale:
+        book = train_codebook(spark, settings, similarity)
+        result.trained = True
+    assert book is not None
+    result.codebook_version = book.version
+    result.codes_written = encode_codes(spark, settings, similarity, book,
+                                        everything=result.trained)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,206 @@
+"""Pixels on demand: one member read out of its ZIP, decoded, rescaled, windowed, resized.
+
+Nothing is unpacked to disk: ``dicom.instances.path`` (``<archive>!/<member>`` for ZIP
+members) is enough to fetch one image. pydicom decodes with the pylibjpeg plug-ins
+(JPEG, JPEG-LS via libjpeg, JPEG 2000 via openjpeg) and its own RLE decoder. Every failure
+is a :class:`PixelError` whose message names the path and the transfer syntax, so a bad
+image becomes a row in ``dicom.pixel_errors`` instead of failing a job.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dicomlake.udfs.errors import PixelError, PixelErrorKind
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+MEMBER_SEPARATOR = "!/"
+"""Separates archive and member in ``dicom.instances.path``."""
+
+MODEL_SIZE = 224
+"""Side of the square image the CNNs take."""
+
+DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
+    "CT": (40.0, 400.0),  # soft tissue; the common reading window when the file has none
+}
+"""(center, width) per modality when the file has no WindowCenter/WindowWidth.
+
+Other modalities have no meaningful fixed scale, so the frame's 0.5-99.5 percentile range is
+used instead (what viewers do for MR and CR).
+"""
+
+_OPEN_ARCHIVES: OrderedDict[str, zipfile.ZipFile] = OrderedDict()
+_MAX_OPEN = 8
+
+
+def _archive(path: str) -> zipfile.ZipFile:
+    """An open ZipFile, kept per worker: re-reading a central directory per member is slow."""
+    zf = _OPEN_ARCHIVES.pop(path, None)
+    if zf is None:
+        zf = zipfile.ZipFile(path)
+        if len(_OPEN_ARCHIVES) >= _MAX_OPEN:
+            _OPEN_ARCHIVES.popitem(last=False)[1].close()
+    _OPEN_ARCHIVES[path] = zf
+    return zf
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of one instance: a plain file or ``<archive>!/<member>``."""
+    try:
+        if MEMBER_SEPARATOR in path:
+            archive, member = path.split(MEMBER_SEPARATOR, 1)
+            return _archive(archive).read(member)
+        with open(path, "rb") as fh:
+            return fh.read()
+    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise PixelError(PixelErrorKind.UNREADABLE, f"{path}: cannot read: {exc}") from exc
+
+
+def _decode(ds: Dataset, path: str) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise PixelError(PixelErrorKind.NO_PIXELS,
+                         f"{path}: no Pixel Data (7FE0,0010); SOP class "
+                         f"{ds.get('SOPClassUID', 'unknown')} has no image to embed")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 2 or cols < 2:
+        raise PixelError(PixelErrorKind.TOO_SMALL,
+                         f"{path}: image is {rows}x{cols} (Rows x Columns); at least 2x2 "
+                         "pixels are needed")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID", "unknown") if meta is not None else "unknown"
+    try:
+        return np.asarray(ds.pixel_array)
+    except NotImplementedError as exc:
+        raise PixelError(PixelErrorKind.UNSUPPORTED_SYNTAX,
+                         f"{path}: transfer syntax {syntax} ({getattr(syntax, 'name', '?')}) "
+                         f"cannot be decoded by the installed codecs: {exc}") from exc
+    except RuntimeError as exc:
+        kind = (PixelErrorKind.UNSUPPORTED_SYNTAX if "plugin" in str(exc).lower()
+                or "no pixel data decoders" in str(exc).lower() else PixelErrorKind.UNDECODABLE)
+        raise PixelError(kind, f"{path}: pixel data with transfer syntax {syntax} cannot be "
+                               f"decoded: {exc}") from exc
+    except Exception as exc:  # codecs raise ValueError, struct.error, IndexError ...
+        raise PixelError(PixelErrorKind.UNDECODABLE,
+                         f"{path}: pixel data with transfer syntax {syntax} is corrupt or does "
+                         f"not match Rows/Columns/BitsAllocated: {exc}") from exc
+
+
+def _first(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = next(iter(value)) if len(value) else None  # type: ignore[arg-type]
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Decoded frames of one instance: (frames, rows, cols) gray or (frames, rows, cols, 3)."""
+
+    data: np.ndarray
+    color: bool
+    modality: str
+    window: tuple[float, float] | None
+    monochrome1: bool
+
+    @property
+    def count(self) -> int:
+        return int(self.data.shape[0])
+
+
+def load_frames(data: bytes, path: str) -> Frames:
+    """Decode an instance's frames and apply the modality rescale (slope/intercept)."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
+        raise PixelError(PixelErrorKind.UNDECODABLE, f"{path}: not readable as DICOM: {exc}"
+                         ) from exc
+    arr = _decode(ds, path)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    color = spp > 1
+    if frames == 1:
+        arr = arr[np.newaxis]
+    if arr.ndim != (4 if color else 3) or min(arr.shape[1:3]) < 2:
+        raise PixelError(PixelErrorKind.UNDECODABLE,
+                         f"{path}: decoded pixel array has shape {arr.shape}, which does not "
+                         f"match NumberOfFrames={frames}, SamplesPerPixel={spp}")
+    if not color:
+        slope = _first(ds.get("RescaleSlope")) or 1.0
+        intercept = _first(ds.get("RescaleIntercept")) or 0.0
+        arr = arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    modality = str(ds.get("Modality", "OT"))
+    window = (center, width) if center is not None and width else DEFAULT_WINDOWS.get(modality)
+    return Frames(arr, color, modality, window,
+                  str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+
+
+def to_uint8(frame: np.ndarray, frames: Frames,
+             window: tuple[float, float] | None = None) -> np.ndarray:
+    """One frame windowed to 0..255 (gray) or scaled to 0..255 (color)."""
+    frame = frame.astype(np.float32)
+    if frames.color:
+        hi = float(frame.max())
+        scale = 255.0 / hi if hi > 255 else 1.0
+        return np.clip(frame * scale, 0, 255).astype(np.uint8)
+    window = window or frames.window
+    if window is not None:
+        center, width = window
+        lo, hi = center - width / 2.0, center + width / 2.0
+    else:
+        lo, hi = (float(v) for v in np.percentile(frame, (0.5, 99.5)))
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        hi = lo + 1.0
+    out = np.clip((frame - lo) * (255.0 / (hi - lo)), 0, 255)
+    if frames.monochrome1:
+        out = 255.0 - out
+    return out.astype(np.uint8)
+
+
+def resize(image: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
+    """A uint8 image squashed to ``size`` x ``size`` x 3 (gray is repeated into RGB)."""
+    from PIL import Image
+
+    mode = "RGB" if image.ndim == 3 else "L"
+    img = Image.fromarray(image, mode=mode).resize((size, size), Image.Resampling.BILINEAR)
+    out = np.asarray(img)
+    if out.ndim == 2:
+        out = np.repeat(out[:, :, np.newaxis], 3, axis=2)
+    return out
+
+
+def model_inputs(path: str, data: bytes | None = None,
+                 window: tuple[float, float] | None = None) -> np.ndarray:
+    """All frames of an instance ready for the model: (frames, 224, 224, 3) uint8."""
+    frames = load_frames(read_bytes(path) if data is None else data, path)
+    return np.stack([resize(to_uint8(f, frames, window)) for f in frames.data])
+
+
+def thumbnail_png(path: str, *, size: int = 128, frame: int = 0) -> bytes:
+    """A PNG thumbnail (longest side ``size``) of one frame, windowed as for the model."""
+    from PIL import Image
+
+    frames = load_frames(read_bytes(path), path)
+    if not 0 <= frame < frames.count:
+        raise PixelError(PixelErrorKind.NO_PIXELS,
+                         f"{path}: frame {frame} does not exist (the image has {frames.count})")
+    img = Image.fromarray(to_uint8(frames.data[frame], frames))
+    img.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

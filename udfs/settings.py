@@ -1,0 +1,112 @@
+"""Similarity settings: which code store, PQ shape, search defaults.
+
+They live in the ``[similarity]`` section of the same TOML file as the core settings
+(``$DICOMLAKE_CONFIG`` or ``<home>/dicomlake.toml``) and ``DICOMLAKE_CODE_STORE`` /
+``DICOMLAKE_HBASE_*`` variables, read once here; the core :mod:`dicomlake.config` does not
+need to know about them::
+
+    [similarity]
+    code_store = "hbase"         # or "delta" (default)
+    m = 32                       # PQ sub-spaces
+    nlist = 0                    # IVF lists (0: no coarse quantizer)
+    [similarity.hbase]
+    host = "hbase-thrift.example.org"   # real HBase through its Thrift server
+    port = 9090
+    # or, for Cloud Bigtable / its emulator:  emulator = "127.0.0.1:8086"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dicomlake.config import Settings
+
+
+class CodeStoreKind(StrEnum):
+    """Where PQ codes live."""
+
+    DELTA = "delta"
+    """``dicom.codes`` Delta table, loaded into memory for search (embedded default)."""
+    HBASE = "hbase"
+    """HBase table ``image_info`` (or Bigtable through google-cloud-happybase)."""
+
+
+@dataclass(frozen=True)
+class HBaseSettings:
+    """How to reach HBase: a Thrift ``host``/``port``, or a Bigtable ``emulator`` address."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+    emulator: str | None = None
+    project: str = "dicomlake"
+    instance: str = "dicomlake"
+    table: str = "image_info"
+    timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class SimilaritySettings:
+    """Code store choice, PQ shape and image_knn defaults."""
+
+    code_store: CodeStoreKind = CodeStoreKind.DELTA
+    m: int = 32
+    nlist: int = 0
+    train_sample: int = 100_000
+    nprobe: int = 8
+    refine: int = 100
+    batch_size: int = 32
+    hbase: HBaseSettings = field(default_factory=HBaseSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("m", "train_sample", "nprobe", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"dicomlake setting 'similarity.{name}' must be > 0, got "
+                                 f"{getattr(self, name)}")
+        if self.nlist < 0 or self.refine < 0:
+            raise ValueError("dicomlake settings 'similarity.nlist' and 'similarity.refine' "
+                             "must be >= 0")
+
+    def with_store(self, kind: CodeStoreKind | str, **hbase: Any) -> SimilaritySettings:
+        """A copy using another store (and HBase connection fields)."""
+        return replace(self, code_store=CodeStoreKind(kind),
+                       hbase=replace(self.hbase, **hbase))
+
+
+def _config_data(home: Path) -> dict[str, Any]:
+    named = os.environ.get("DICOMLAKE_CONFIG")
+    path = Path(named).expanduser() if named else home / "dicomlake.toml"
+    if not path.is_file():
+        return {}
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def load_similarity(settings: Settings) -> SimilaritySettings:
+    """Read ``[similarity]`` from the config file and the environment."""
+    data = dict(_config_data(settings.home).get("similarity", {}))
+    hb = dict(data.pop("hbase", {}))
+    store = os.environ.get("DICOMLAKE_CODE_STORE", data.pop("code_store", "delta"))
+    try:
+        kind = CodeStoreKind(str(store).lower())
+    except ValueError:
+        allowed = ", ".join(k.value for k in CodeStoreKind)
+        raise ValueError(f"dicomlake setting 'similarity.code_store' is {store!r}; it must be "
+                         f"one of: {allowed}") from None
+    for key in ("host", "emulator"):
+        env = os.environ.get(f"DICOMLAKE_HBASE_{key.upper()}")
+        if env:
+            hb[key] = env
+    if os.environ.get("DICOMLAKE_HBASE_PORT"):
+        hb["port"] = int(os.environ["DICOMLAKE_HBASE_PORT"])
+    known = set(SimilaritySettings.__dataclass_fields__) - {"code_store", "hbase"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown dicomlake settings in [similarity]: {sorted(unknown)}; "
+                         f"known: {sorted(known)}")
+    return SimilaritySettings(code_store=kind, hbase=HBaseSettings(**hb),
+                              **{k: int(v) for k, v in data.items()})
