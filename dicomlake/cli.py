@@ -15,6 +15,7 @@ from dicomlake import __version__
 COMMAND_MODULES = (
     "dicomlake.catalog.commands",
     "dicomlake.bench.commands",
+    "dicomlake.udfs.commands",
 )
 """Modules exposing ``COMMANDS``: a list of click commands/groups added to ``dicomlake``."""
 

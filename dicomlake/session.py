@@ -18,7 +18,7 @@ from dicomlake.config import Settings, load_settings
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-SESSION_HOOKS = ("dicomlake.catalog:register_data_sources",)
+SESSION_HOOKS = ("dicomlake.catalog:register_data_sources", "dicomlake.udfs:register_functions")
 """``module:function`` called with every new session (data sources, UDFs, UDTFs), in order."""
 
 _LOCAL_DEFAULTS = {

@@ -23,7 +23,8 @@ CODES = "codes"
 """Delta table name (schema ``dicom``) of the embedded store."""
 CODE_COLUMNS = ("sop_instance_uid", "frame", "codebook_version", "list_id", "code")
 CODES_DDL = ("sop_instance_uid string, frame int, codebook_version int, list_id int, "
-             "code binary")
+             "code binary, thumbnail binary")
+"""What the encode function yields (the thumbnail only goes to stores that keep one)."""
 
 
 class CodeStore(Protocol):

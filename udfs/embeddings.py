@@ -134,6 +134,8 @@ def encode_batches(book: Codebook
                 "codebook_version": pa.array([book.version] * batch.num_rows, pa.int32()),
                 "list_id": pa.array(lists, pa.int32()),
                 "code": pa.array([c.tobytes() for c in codes], pa.binary()),
+                "thumbnail": (batch.column("thumbnail") if "thumbnail" in batch.schema.names
+                              else pa.nulls(batch.num_rows, pa.binary())),
             })
 
     return run

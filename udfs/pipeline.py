@@ -125,7 +125,8 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
 
 def _embeddings_frame(spark: SparkSession, warehouse: Warehouse, version: str) -> DataFrame:
     return spark.table(f"{SCHEMA}.{EMBEDDINGS}").where(
-        f"model_version = '{version}'").select("sop_instance_uid", "frame", "embedding")
+        f"model_version = '{version}'").select("sop_instance_uid", "frame", "embedding",
+                                               "thumbnail")
 
 
 def train_codebook(spark: SparkSession, settings: Settings, similarity: SimilaritySettings,
@@ -142,7 +143,7 @@ def train_codebook(spark: SparkSession, settings: Settings, similarity: Similari
                             "after ingesting images")
     if total > similarity.train_sample:
         emb = emb.sample(fraction=min(1.0, 1.2 * similarity.train_sample / total), seed=7)
-    data = emb.select("embedding").toArrow()
+    data = emb.select("embedding").toArrow()  # type: ignore[attr-defined]
     flat = data.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = flat.reshape(data.num_rows, -1)[: similarity.train_sample]
     books = warehouse.table_path(SCHEMA, pq.CODEBOOKS)
