@@ -83,8 +83,12 @@ def _decode(ds: Dataset, path: str) -> np.ndarray:
                          f"{path}: transfer syntax {syntax} ({getattr(syntax, 'name', '?')}) "
                          f"cannot be decoded by the installed codecs: {exc}") from exc
     except RuntimeError as exc:
-        kind = (PixelErrorKind.UNSUPPORTED_SYNTAX if "plugin" in str(exc).lower()
-                or "no pixel data decoders" in str(exc).lower() else PixelErrorKind.UNDECODABLE)
+        text = str(exc).lower()
+        # pydicom: "exceptions were raised by all available plugins" = the codec tried and
+        # failed (bad data); "missing dependencies"/"not supported" = no codec installed.
+        missing = "missing" in text or "not supported" in text or "no pixel data" in text
+        kind = PixelErrorKind.UNSUPPORTED_SYNTAX if missing and "were raised" not in text \
+            else PixelErrorKind.UNDECODABLE
         raise PixelError(kind, f"{path}: pixel data with transfer syntax {syntax} cannot be "
                                f"decoded: {exc}") from exc
     except Exception as exc:  # codecs raise ValueError, struct.error, IndexError ...
