@@ -8,7 +8,6 @@ row, or (mode PERMISSIVE) a row whose ``_corrupt_record`` says why it could not 
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import warnings
 import zipfile
@@ -218,37 +217,6 @@ def plan_partitions(sources: list[Source], options: DicomOptions) -> list[DicomI
     return parts
 
 
-class _BoundedReader(io.RawIOBase):
-    """A seekable view that refuses to read past ``limit`` bytes (zip-bomb and giant-header
-    guard): pydicom would otherwise inflate whatever a hostile header declares."""
-
-    def __init__(self, raw: IO[bytes], limit: int) -> None:
-        super().__init__()
-        self._raw = raw
-        self._limit = limit
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0 or self._raw.tell() + size > self._limit:
-            raise HeaderError(
-                ErrorKind.TOO_LARGE,
-                f"header is larger than maxHeaderBytes={self._limit} (an element declares "
-                f"{size} bytes); raise the option if this file is legitimate",
-            )
-        return self._raw.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-
 @dataclass
 class _Input:
     """Provenance of one input while it is being read."""
@@ -367,8 +335,9 @@ class DicomDataSourceReader(DataSourceReader):
                 raise HeaderError(ErrorKind.NOT_DICOM,
                                   "not a DICOM file (no DICM marker at byte 128)")
             fp.seek(0)
-            header = read_header(_BoundedReader(fp, self.options.max_header_bytes),
-                                 uri=inp.path, size=inp.file_size, has_preamble=has_preamble)
+            header = read_header(fp, uri=inp.path, size=inp.file_size,
+                                 has_preamble=has_preamble,
+                                 max_header_bytes=self.options.max_header_bytes)
             row = self._base(inp)
             row.update(_promoted_values(header))
         except HeaderError as exc:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import io
 import json
 import math
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import IO, Any
 
 from pydicom import dcmread
-from pydicom.charset import decode_bytes
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -58,12 +60,19 @@ def _tag_label(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {keyword}"
 
 
+@lru_cache(maxsize=8192)
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        if (tag >> 16) & 1 and 0x10 <= (tag & 0xFFFF) <= 0xFF:
+            return "LO"  # private creator
+        return "UN"
+
+
 def _resolve_vr(tag: int, vr: str | None, context: _Context) -> str:
     if vr is None:
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            return "UN"
+        vr = _dictionary_vr(tag)
     if " or " in vr:
         if "OW" in vr or "OB" in vr:
             return "OW" if "OW" in vr else "OB"
@@ -115,12 +124,13 @@ def _finite(value: float) -> float | str:
     return value
 
 
-def _decode(tag: int, vr: str, raw: Any, encodings: Any, ctx: _Context) -> dict[str, Any]:
-    value: bytes = raw.value if raw.value is not None else b""
-    if raw.length != 0xFFFFFFFF and len(value) != raw.length:
+def _decode(tag: int, vr: str, value: bytes, length: int, offset: int, little: bool,
+            encodings: Any, ctx: _Context) -> dict[str, Any]:
+    """One leaf element (not SQ) to its DICOM JSON object."""
+    if length != 0xFFFFFFFF and len(value) != length:
         raise HeaderError(
             ErrorKind.TRUNCATED,
-            f"{_tag_label(tag)}: header declares {raw.length} bytes but only {len(value)} "
+            f"{_tag_label(tag)}: header declares {length} bytes but only {len(value)} "
             "are present (file truncated)",
         )
     element: dict[str, Any] = {"vr": vr}
@@ -130,7 +140,7 @@ def _decode(tag: int, vr: str, raw: Any, encodings: Any, ctx: _Context) -> dict[
         if len(value) <= INLINE_BINARY_MAX:
             element["InlineBinary"] = base64.b64encode(value).decode("ascii")
         else:
-            element["BulkDataURI"] = f"{ctx.uri}#offset={raw.value_tell}&length={len(value)}"
+            element["BulkDataURI"] = f"{ctx.uri}#offset={offset}&length={len(value)}"
         return element
     fmt = _STRUCT_FORMATS.get(vr)
     if fmt is not None:
@@ -141,14 +151,14 @@ def _decode(tag: int, vr: str, raw: Any, encodings: Any, ctx: _Context) -> dict[
                 f"{_tag_label(tag)}: VR {vr} needs a multiple of {size} bytes, found "
                 f"{len(value)} (wrong VR?)",
             )
-        order = "<" if raw.is_little_endian else ">"
+        order = "<" if little else ">"
         numbers = struct.unpack(f"{order}{len(value) // size}{fmt}", value)
         element["Value"] = [_finite(n) for n in numbers] if vr in ("FL", "FD") else list(numbers)
         return element
     if vr == "AT":
         if len(value) % 4:
             raise HeaderError(ErrorKind.BAD_VALUE, f"{_tag_label(tag)}: AT needs 4-byte values")
-        order = "<" if raw.is_little_endian else ">"
+        order = "<" if little else ">"
         pairs = struct.unpack(f"{order}{len(value) // 2}H", value)
         element["Value"] = [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)]
         return element
@@ -180,7 +190,10 @@ def _dataset_to_json(ds: Dataset, ctx: _Context) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag, raw in ds._dict.items():
         tag = int(tag)
-        vr = _resolve_vr(tag, raw.VR, ctx)
+        raw_vr = raw.VR
+        if raw_vr == "UN" and _dictionary_vr(tag) != "UN":
+            raw_vr = None  # a known element written as UN: use its real VR, as the fast path
+        vr = _resolve_vr(tag, raw_vr, ctx)
         if vr == "SQ":
             try:
                 items = ds[tag].value
@@ -194,10 +207,42 @@ def _dataset_to_json(ds: Dataset, ctx: _Context) -> dict[str, Any]:
             out[f"{tag:08X}"] = element
             continue
         if getattr(raw, "is_raw", False):
-            out[f"{tag:08X}"] = _decode(tag, vr, raw, encodings, ctx)
+            out[f"{tag:08X}"] = _decode(tag, vr, raw.value or b"", raw.length, raw.value_tell,
+                                        raw.is_little_endian, encodings, ctx)
         else:  # pydicom already decoded it while reading (e.g. SpecificCharacterSet)
             out[f"{tag:08X}"] = raw.to_json_dict(None, INLINE_BINARY_MAX)
     return out
+
+
+class _BoundedReader(io.RawIOBase):
+    """A seekable view that refuses to read past ``limit`` bytes (zip-bomb and giant-header
+    guard): pydicom would otherwise inflate whatever a hostile header declares."""
+
+    def __init__(self, raw: IO[bytes], limit: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self._limit = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or self._raw.tell() + size > self._limit:
+            raise HeaderError(
+                ErrorKind.TOO_LARGE,
+                f"header is larger than maxHeaderBytes={self._limit} (an element declares "
+                f"{size} bytes); raise the option if this file is legitimate",
+            )
+        return self._raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 @dataclass(frozen=True)
@@ -244,9 +289,8 @@ def _pixel_element_header(fp: IO[bytes], little: bool) -> tuple[str, int, int] |
     return vr, struct.unpack(f"{order}H", head[6:8])[0], 8
 
 
-def read_header(
-    fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool
-) -> Header:
+def read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool,
+                max_header_bytes: int = 64 << 20) -> Header:
     """Parse the header at ``fp`` (positioned at the file start); never reads pixel values.
 
     Args:
@@ -256,12 +300,20 @@ def read_header(
             to detect truncated pixel data without reading it.
         has_preamble: whether the 128-byte preamble + ``DICM`` marker was seen; files
             without it (old ACR-NEMA style) are parsed with ``force=True``.
+        max_header_bytes: a header larger than this is an error (hostile length fields).
 
     Raises:
         HeaderError: the bytes are not a readable DICOM header.
     """
+    if has_preamble:
+        start = fp.tell()
+        try:
+            return _fast_header(fp, uri, size, max_header_bytes)
+        except _UsePydicom:
+            fp.seek(start)
     try:
-        return _read_header(fp, uri=uri, size=size, has_preamble=has_preamble)
+        return _read_header(_BoundedReader(fp, max_header_bytes), uri=uri, size=size,
+                            has_preamble=has_preamble)
     except HeaderError as exc:
         if has_preamble:
             raise
@@ -353,3 +405,218 @@ def parse_da(value: str | None, tag_label: str) -> dt.date | None:
         raise HeaderError(
             ErrorKind.BAD_VALUE, f"{tag_label}: {value!r} is not a valid DA date (YYYYMMDD)"
         ) from None
+
+
+# --- The fast path -------------------------------------------------------------------------
+# pydicom builds a RawDataElement and a Dataset entry per element and is the bulk of the cost
+# of a header read (measured: ~0.6-1.6 ms of ~1.2-2.9 ms per CT header). The common case,
+# little-endian files with the DICM preamble, is parsed here in one pass straight into DICOM
+# JSON from an in-memory prefix of the file; anything unusual (big endian, deflated
+# datasets, no preamble, malformed structure) goes to pydicom, which stays the reference
+# for odd files and for error messages.
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT",
+                       "SV", "UV"})
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_FIRST_READ = 16 << 10
+
+
+class _NeedMore(Exception):
+    """The in-memory prefix ends before the header does; read more and parse again."""
+
+
+class _UsePydicom(Exception):
+    """An encoding or structure the fast path leaves to pydicom."""
+
+
+class _Parser:
+    def __init__(self, buf: bytes, complete: bool, size: int | None, ctx: _Context) -> None:
+        self.buf = buf
+        self.n = len(buf)
+        self.complete = complete
+        self.size = self.n if complete else size
+        self.ctx = ctx
+
+    def need(self, end: int, tag: int | None = None) -> None:
+        if end <= self.n:
+            return
+        if self.size is None or end <= self.size:
+            raise _NeedMore
+        # Known file size: a length pointing past the end is truncation (or a hostile value);
+        # no need to inflate the rest of the member to find out.
+        where = f"{_tag_label(tag)}: " if tag is not None else ""
+        raise HeaderError(ErrorKind.TRUNCATED,
+                          f"{where}file ends at byte {self.size} inside a data element that "
+                          f"needs {end} bytes (file truncated)")
+
+    def element_head(self, pos: int, implicit: bool) -> tuple[int, str | None, int, int]:
+        """(tag, VR or None, value length, value position) of the element at ``pos``."""
+        self.need(pos + 8)
+        group, elem, length = struct.unpack_from("<HHI", self.buf, pos)
+        tag = group << 16 | elem
+        if implicit or group == 0xFFFE:
+            return tag, None, length, pos + 8
+        vr_bytes = self.buf[pos + 4:pos + 6]
+        if not (vr_bytes.isalpha() and vr_bytes.isupper()):
+            raise _UsePydicom
+        vr = vr_bytes.decode("ascii")
+        if vr in _LONG_VRS:
+            self.need(pos + 12)
+            return tag, vr, struct.unpack_from("<I", self.buf, pos + 8)[0], pos + 12
+        return tag, vr, length >> 16, pos + 8
+
+    def dataset(self, pos: int, end: int | None, implicit: bool, encodings: list[str],
+                top: bool) -> tuple[dict[str, Any], int, bool]:
+        """Elements from ``pos`` to ``end`` (None: to the item delimiter).
+
+        Returns the JSON dataset, the position after it, and whether it stopped at pixel data.
+        """
+        out: dict[str, Any] = {}
+        ctx = self.ctx
+        while end is None or pos < end:
+            if top and pos == self.n and self.complete:
+                return out, pos, False
+            tag, vr, length, vpos = self.element_head(pos, implicit)
+            if tag == _ITEM_END:
+                return out, vpos, False
+            if top and tag in PIXEL_DATA_TAGS:
+                return out, pos, True
+            value_implicit = implicit
+            if vr == "UN" and _dictionary_vr(tag) != "UN":
+                vr, value_implicit = None, True  # UN hides a known element, implicit LE inside
+            vr = _resolve_vr(tag, vr, ctx)
+            key = f"{tag:08X}"
+            if vr == "SQ" or (length == _UNDEFINED and vr == "UN"):
+                items, pos = self.sequence(tag, vpos, length, value_implicit or vr == "UN",
+                                           encodings)
+                out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+                continue
+            if length == _UNDEFINED:  # encapsulated pixels nested in a dataset (icon image)
+                out[key] = {"vr": vr, "BulkDataURI": f"{ctx.uri}#offset={vpos}"}
+                pos = self.skip_fragments(tag, vpos)
+                continue
+            self.need(vpos + length, tag)
+            value = self.buf[vpos:vpos + length]
+            element = _decode(tag, vr, value, length, vpos, True, encodings, ctx)
+            if tag == 0x00080005:
+                encodings = convert_encodings([v for v in element.get("Value", []) if v]
+                                              or ["ISO_IR 6"])
+            elif tag == 0x00280103 and length == 2:
+                ctx.pixel_representation = element["Value"][0]
+            out[key] = element
+            pos = vpos + length
+        return out, pos, False
+
+    def sequence(self, tag: int, pos: int, length: int, implicit: bool,
+                 encodings: list[str]) -> tuple[list[dict[str, Any]], int]:
+        end = None if length == _UNDEFINED else pos + length
+        items: list[dict[str, Any]] = []
+        while end is None or pos < end:
+            self.need(pos + 8, tag)
+            group, elem, item_len = struct.unpack_from("<HHI", self.buf, pos)
+            item_tag = group << 16 | elem
+            if item_tag == _SEQ_END:
+                return items, pos + 8
+            if item_tag != _ITEM:
+                raise HeaderError(ErrorKind.BAD_HEADER,
+                                  f"{_tag_label(tag)}: expected an item at byte {pos}, found "
+                                  f"({group:04X},{elem:04X})")
+            pos += 8
+            if item_len == _UNDEFINED:
+                item, pos, _ = self.dataset(pos, None, implicit, encodings, top=False)
+            else:
+                self.need(pos + item_len, tag)
+                item, _, _ = self.dataset(pos, pos + item_len, implicit, encodings, top=False)
+                pos += item_len
+            items.append(item)
+        return items, pos
+
+    def skip_fragments(self, tag: int, pos: int) -> int:
+        while True:
+            self.need(pos + 8, tag)
+            group, elem, length = struct.unpack_from("<HHI", self.buf, pos)
+            if group << 16 | elem == _SEQ_END:
+                return pos + 8
+            if group << 16 | elem != _ITEM:
+                raise HeaderError(ErrorKind.BAD_HEADER,
+                                  f"{_tag_label(tag)}: bad encapsulated fragment at byte {pos}")
+            pos += 8 + length
+
+    def file_meta(self) -> tuple[str, int]:
+        """Transfer syntax UID and the position after the (always explicit LE) file meta."""
+        pos = 132
+        tsuid = ""
+        while True:
+            self.need(pos + 8)
+            if struct.unpack_from("<H", self.buf, pos)[0] != 0x0002:
+                return tsuid, pos
+            tag, _, length, vpos = self.element_head(pos, implicit=False)
+            self.need(vpos + length, tag)
+            if tag == 0x00020010:
+                tsuid = self.buf[vpos:vpos + length].decode("latin-1").strip("\0 ")
+            pos = vpos + length
+
+
+def _parse_prefix(buf: bytes, complete: bool, uri: str, size: int | None) -> Header:
+    parser = _Parser(buf, complete, size, _Context(uri=uri))
+    tsuid, pos = parser.file_meta()
+    if tsuid in (EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR):
+        raise _UsePydicom
+    parser.need(pos + 6)
+    # Trust the bytes over the declared syntax: some writers label implicit data explicit.
+    implicit = tsuid == IMPLICIT_VR_LE or not (buf[pos + 4:pos + 6].isalpha()
+                                                and buf[pos + 4:pos + 6].isupper())
+    meta, pos, at_pixels = parser.dataset(pos, None if not complete else parser.n, implicit,
+                                          list(_DEFAULT_ENCODINGS), top=True)
+    pixel_offset = pixel_length = None
+    if at_pixels:
+        parser.need(pos + 12)
+        vr, length, head_len = _pixel_element_header_at(buf, pos)
+        pixel_offset = pos
+        if length != _UNDEFINED:
+            pixel_length = length
+            end = pos + head_len + length
+            if size is not None and end > size:
+                raise HeaderError(
+                    ErrorKind.TRUNCATED,
+                    f"(7FE0,0010) PixelData: declares {length} bytes but the file ends "
+                    f"{end - size} bytes short (file truncated)",
+                )
+        meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={pos}"}
+    elif "00280010" in meta and "00280011" in meta:
+        raise HeaderError(ErrorKind.TRUNCATED,
+                          "image attributes (0028,0010) Rows and (0028,0011) Columns are present "
+                          "but there is no (7FE0,0010) PixelData: the file is truncated")
+    return Header(meta, tsuid or None, pixel_offset, pixel_length)
+
+
+def _pixel_element_header_at(buf: bytes, pos: int) -> tuple[str, int, int]:
+    vr_bytes = buf[pos + 4:pos + 6]
+    if not (vr_bytes.isalpha() and vr_bytes.isupper()):
+        return "OW", struct.unpack_from("<I", buf, pos + 4)[0], 8
+    vr = vr_bytes.decode("ascii")
+    if vr in ("OB", "OW", "OF", "OD", "UN"):
+        return vr, struct.unpack_from("<I", buf, pos + 8)[0], 12
+    return vr, struct.unpack_from("<H", buf, pos + 6)[0], 8
+
+
+def _fast_header(fp: IO[bytes], uri: str, size: int | None, max_bytes: int) -> Header:
+    want = min(_FIRST_READ, max_bytes) if size is None else min(_FIRST_READ, max_bytes, size)
+    buf = fp.read(want)
+    complete = len(buf) < want or (size is not None and len(buf) >= size)
+    while True:
+        try:
+            return _parse_prefix(buf, complete, uri, size)
+        except _NeedMore:
+            if len(buf) >= max_bytes:
+                raise HeaderError(
+                    ErrorKind.TOO_LARGE,
+                    f"header is larger than maxHeaderBytes={max_bytes}; raise the option if "
+                    "this file is legitimate") from None
+            want = min(len(buf) * 3, max_bytes - len(buf))
+            more = fp.read(want)
+            buf += more
+            complete = len(more) < want or (size is not None and len(buf) >= size)
