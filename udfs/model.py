@@ -10,9 +10,12 @@ from different models are never mixed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -76,13 +79,15 @@ def export_onnx(home: str | os.PathLike[str]) -> Path:
             return self.net.extract_features(x).mean(dim=(2, 3))
 
     weights, _ = _weights()
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
     module = _Features(net).eval()
     target.parent.mkdir(parents=True, exist_ok=True)
     sample = torch.zeros(2, 224, 224, 3)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
     os.close(fd)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation chatter
         torch.onnx.export(module, (sample,), tmp, input_names=["images"],
                           output_names=["features"], opset_version=17, dynamo=False,
                           dynamic_axes={"images": {0: "n"}, "features": {0: "n"}})

@@ -24,7 +24,7 @@ from dicomlake.catalog.delta import (
 from dicomlake.catalog.warehouse import Warehouse
 from dicomlake.udfs import model as model_mod
 from dicomlake.udfs import pq
-from dicomlake.udfs.codestore import open_store
+from dicomlake.udfs.codestore import CODES, CODES_DDL, open_store
 from dicomlake.udfs.embeddings import (
     EMBED_DDL,
     EMBEDDING_COLUMNS,
@@ -179,10 +179,11 @@ def encode_codes(spark: SparkSession, settings: Settings, similarity: Similarity
         everything = current.num_rows != stored.num_rows
         if everything:
             emb = _embeddings_frame(spark, warehouse, book.model_version)
-    from dicomlake.udfs.codestore import CODES_DDL
-
     codes = emb.mapInArrow(encode_batches(book), CODES_DDL)
-    return store.write(codes, replace=everything)
+    written = store.write(codes, replace=everything)
+    if (SCHEMA, CODES) in warehouse.tables():
+        warehouse.register(spark, only=(SCHEMA, CODES))
+    return written
 
 
 def embed(spark: SparkSession, settings: Settings, similarity: SimilaritySettings, *,
