@@ -1,0 +1,135 @@
+"""The audit log: every statement and every failed login, in the Delta table
+``system.audit_log`` (admins query it like any table).
+
+Records are appended by a background thread in one Delta commit per flush (at most one a
+second, or sooner when the buffer fills), so auditing adds no Delta commit to a query's
+latency. ``flush()`` is called before an admin reads the log, so they always see their own
+earlier statements, and at shutdown, so nothing acknowledged is lost on a clean stop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+AUDIT_SCHEMA_NAME, AUDIT_TABLE_NAME = "system", "audit_log"
+MAX_SQL_CHARS = 65536
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited event: a statement (``event='query'``) or a failed login."""
+
+    event: str
+    user: str | None
+    role: str | None
+    query_id: str | None
+    sql: str | None
+    state: str
+    rows: int
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    duration_ms: int
+    error_name: str | None
+    error_message: str | None
+    client_address: str | None
+    source: str | None
+
+
+def audit_schema() -> pa.Schema:
+    """Arrow schema of ``system.audit_log``."""
+    import pyarrow as pa
+
+    ts = pa.timestamp("us", tz="UTC")
+    return pa.schema([
+        ("event", pa.string()), ("user", pa.string()), ("role", pa.string()),
+        ("query_id", pa.string()), ("sql", pa.string()), ("state", pa.string()),
+        ("rows", pa.int64()), ("started_at", ts), ("finished_at", ts),
+        ("duration_ms", pa.int64()), ("error_name", pa.string()),
+        ("error_message", pa.string()), ("client_address", pa.string()),
+        ("source", pa.string()),
+    ])
+
+
+class AuditLog:
+    """Buffered appends to the audit Delta table."""
+
+    def __init__(self, table_path: Path, *, flush_seconds: float = 1.0,
+                 max_buffer: int = 500) -> None:
+        self.table_path = Path(table_path)
+        self.flush_seconds = flush_seconds
+        self.max_buffer = max_buffer
+        self._buffer: list[AuditRecord] = []
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
+        self.ensure_table()
+
+    def ensure_table(self) -> None:
+        """Create the empty table if it does not exist (so it is queryable at once)."""
+        from deltalake import DeltaTable, Schema
+
+        if not DeltaTable.is_deltatable(str(self.table_path)):
+            self.table_path.mkdir(parents=True, exist_ok=True)
+            DeltaTable.create(str(self.table_path), Schema.from_arrow(audit_schema()),
+                              mode="ignore")
+
+    def start(self) -> AuditLog:
+        self._thread.start()
+        return self
+
+    def append(self, record: AuditRecord) -> None:
+        """Queue a record; it is committed within ``flush_seconds``."""
+        if record.sql is not None and len(record.sql) > MAX_SQL_CHARS:
+            record = AuditRecord(**{**asdict(record), "sql": record.sql[:MAX_SQL_CHARS]})
+        with self._lock:
+            self._buffer.append(record)
+            if len(self._buffer) >= self.max_buffer:
+                self._wake.set()
+
+    def flush(self) -> int:
+        """Commit what is buffered now; returns the number of records written."""
+        with self._flush_lock:
+            with self._lock:
+                records, self._buffer = self._buffer, []
+            if not records:
+                return 0
+            import pyarrow as pa
+            from deltalake import write_deltalake
+
+            columns = {name: [getattr(r, name) for r in records]
+                       for name in audit_schema().names}
+            table = pa.table(columns, schema=audit_schema())
+            try:
+                write_deltalake(str(self.table_path), table, mode="append")
+            except Exception:  # keep the records for the next try; never lose them silently
+                log.exception("audit log append to %s failed; will retry", self.table_path)
+                with self._lock:
+                    self._buffer[:0] = records
+                return 0
+            return len(records)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the flusher and write what is left."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.flush()

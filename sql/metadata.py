@@ -1,0 +1,373 @@
+"""The catalog as Trino clients see it: catalogs, ``information_schema``, ``system.jdbc``.
+
+Trino names tables ``catalog.schema.table``; the lake has one catalog (``dicomlake``) whose
+schemas are Spark databases, plus Trino's ``system`` catalog for what JDBC tools and
+SQLAlchemy query (``system.jdbc.*``, ``system.metadata.table_comments``). A snapshot of
+schemas, tables and columns is taken from the Spark session (and new warehouse tables are
+registered first, so tables ingested by another process appear without a restart) and
+published as small in-memory Spark views; metadata queries are then ordinary Spark SQL over
+those views, so ``WHERE``, ``LIKE`` and joins behave as clients expect.
+
+Two variants of every view exist: one for admins and one for readers, which leaves out the
+``system`` schema (the audit log is admin-only). Analysts' masked views are built here too,
+from the same snapshot, so a table is never readable by an analyst before its mask exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pyspark.sql import types as T
+
+from dicomlake.sql.masking import MASK_META_FUNCTION, mask_meta, masked_view_sql
+from dicomlake.sql.types import trino_type
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+CATALOG = "dicomlake"
+"""The Trino catalog name of the lake."""
+SYSTEM_CATALOG = "system"
+ADMIN_ONLY_SCHEMAS = frozenset({"system"})
+"""Lake schemas only admins may see or read (``system.audit_log``)."""
+INFORMATION_SCHEMA = "information_schema"
+
+_JDBC_TYPES = {"boolean": 16, "tinyint": -6, "smallint": 5, "integer": 4, "bigint": -5,
+               "real": 7, "double": 8, "decimal": 3, "varchar": 12, "char": 1,
+               "varbinary": -3, "date": 91, "timestamp": 93, "timestamp with time zone": 2014,
+               "array": 2003, "json": 1111, "map": 2000, "row": 2000}
+
+# view name -> (DDL of its columns); rows are built by _rows_for
+VIEW_COLUMNS: dict[str, str] = {
+    "catalogs": "catalog_name string",
+    "schemata": "catalog_name string, schema_name string",
+    "tables": "table_catalog string, table_schema string, table_name string, table_type string",
+    "columns": ("table_catalog string, table_schema string, table_name string, "
+                "column_name string, ordinal_position bigint, column_default string, "
+                "is_nullable string, data_type string, comment string, extra_info string"),
+    "views": ("table_catalog string, table_schema string, table_name string, "
+              "view_owner string, view_definition string, security_type string"),
+    "table_comments": ("catalog_name string, schema_name string, table_name string, "
+                       "comment string"),
+    "jdbc_catalogs": "table_cat string",
+    "jdbc_schemas": "table_schem string, table_catalog string",
+    "jdbc_tables": ("table_cat string, table_schem string, table_name string, "
+                    "table_type string, remarks string, type_cat string, type_schem string, "
+                    "type_name string, self_referencing_col_name string, "
+                    "ref_generation string"),
+    "jdbc_columns": ("table_cat string, table_schem string, table_name string, "
+                     "column_name string, data_type bigint, type_name string, "
+                     "column_size bigint, buffer_length bigint, decimal_digits bigint, "
+                     "num_prec_radix bigint, nullable bigint, remarks string, "
+                     "column_def string, sql_data_type bigint, sql_datetime_sub bigint, "
+                     "char_octet_length bigint, ordinal_position bigint, is_nullable string, "
+                     "scope_catalog string, scope_schema string, scope_table string, "
+                     "source_data_type bigint, is_autoincrement string, "
+                     "is_generatedcolumn string"),
+    "jdbc_table_types": "table_type string",
+    "jdbc_types": ("type_name string, data_type bigint, precision bigint, "
+                   "literal_prefix string, literal_suffix string, create_params string, "
+                   "nullable bigint, case_sensitive boolean, searchable bigint, "
+                   "unsigned_attribute boolean, fixed_prec_scale boolean, "
+                   "auto_increment boolean, local_type_name string, minimum_scale bigint, "
+                   "maximum_scale bigint, sql_data_type bigint, sql_datetime_sub bigint, "
+                   "num_prec_radix bigint"),
+}
+
+SYSTEM_TABLES: dict[tuple[str, str], str] = {
+    ("jdbc", "catalogs"): "jdbc_catalogs",
+    ("jdbc", "schemas"): "jdbc_schemas",
+    ("jdbc", "tables"): "jdbc_tables",
+    ("jdbc", "columns"): "jdbc_columns",
+    ("jdbc", "table_types"): "jdbc_table_types",
+    ("jdbc", "types"): "jdbc_types",
+    ("metadata", "table_comments"): "table_comments",
+}
+"""``system.<schema>.<table>`` -> metadata view."""
+
+INFORMATION_SCHEMA_TABLES = ("schemata", "tables", "columns", "views")
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    name: str
+    data_type: T.DataType
+    nullable: bool
+    comment: str | None
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    schema: str
+    name: str
+    columns: tuple[ColumnInfo, ...]
+    is_view: bool = False
+
+
+def view_name(kind: str) -> str:
+    """The temp view holding one metadata table (rows carry ``_admin_only``)."""
+    return f"__dl_md__{kind}"
+
+
+ADMIN_ONLY_COLUMN = "_admin_only"
+"""Extra column of every metadata view: True for rows only admins may see."""
+
+
+def view_columns(kind: str) -> list[str]:
+    """The public column names of a metadata view."""
+    return [part.strip().split()[0] for part in VIEW_COLUMNS[kind].split(",")]
+
+
+def masked_view_name(schema: str, table: str) -> str:
+    """The analyst's view of ``schema.table``."""
+    return f"__dl_masked__{schema}__{table}"
+
+
+def _jdbc_type(type_name: str) -> int:
+    base = type_name.split("(", 1)[0].strip()
+    if base.startswith("timestamp"):
+        base = "timestamp with time zone" if "with time zone" in type_name else "timestamp"
+    return _JDBC_TYPES.get(base, 1111)
+
+
+def _column_size(data_type: T.DataType) -> int | None:
+    if isinstance(data_type, T.DecimalType):
+        return data_type.precision
+    if isinstance(data_type, (T.StringType, T.BinaryType)):
+        return 2147483647
+    sizes = {T.ByteType: 3, T.ShortType: 5, T.IntegerType: 10, T.LongType: 19,
+             T.FloatType: 24, T.DoubleType: 53, T.DateType: 10}
+    for spark_type, size in sizes.items():
+        if isinstance(data_type, spark_type):
+            return size
+    return None
+
+
+class LakeCatalog:
+    """Snapshot of the Spark catalog, published lazily as metadata and masked views.
+
+    Checking for change is cheap (a glob of the warehouse folder, plus a flag set after
+    admin DDL), so it runs on every lookup; the full re-read (Spark catalog calls) runs only
+    when something changed, on a miss, or every ``full_refresh_seconds`` in the background.
+    Views are (re)built on first use after a change, one by one.
+    """
+
+    def __init__(self, spark: SparkSession, warehouse_root: Path, salt: str, *,
+                 full_refresh_seconds: float = 60.0) -> None:
+        self.spark = spark
+        self.warehouse_root = Path(warehouse_root)
+        self.salt = salt
+        self.full_refresh_seconds = full_refresh_seconds
+        self._lock = threading.RLock()
+        self._tables: dict[tuple[str, str], TableInfo] = {}
+        self._schemas: list[str] = []
+        self._registered: set[tuple[str, str]] = set()
+        self._warehouse_tables: list[tuple[str, str]] | None = None
+        self._stale = True
+        self._taken_at = 0.0
+        self._fingerprint: object = None
+        self._version = 0
+        self._built: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._register_mask_function()
+
+    def _register_mask_function(self) -> None:
+        salt = self.salt
+
+        def mask(meta: str | None) -> str | None:
+            return mask_meta(meta, salt)
+
+        self.spark.udf.register(MASK_META_FUNCTION, mask, "string")
+
+    def start_background_refresh(self) -> LakeCatalog:
+        """Re-read the catalog every ``full_refresh_seconds`` off the request path."""
+        def run() -> None:
+            while not self._stop.wait(self.full_refresh_seconds):
+                try:
+                    self.refresh(force=True)
+                except Exception:  # keep serving the last good snapshot
+                    logging.getLogger(__name__).exception("catalog refresh failed")
+
+        threading.Thread(target=run, name="dicomlake-catalog", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- snapshot ---------------------------------------------------------------------------
+
+    def _take(self) -> tuple[list[str], dict[tuple[str, str], TableInfo]]:
+        from dicomlake.catalog.warehouse import Warehouse
+
+        warehouse = Warehouse(self.warehouse_root)
+        for key in warehouse.tables():
+            if key not in self._registered:
+                warehouse.register(self.spark, only=key)
+                self._registered.add(key)
+        schemas = sorted(db.name for db in self.spark.catalog.listDatabases())
+        tables: dict[tuple[str, str], TableInfo] = {}
+        for schema in schemas:
+            for table in self.spark.catalog.listTables(schema):
+                if table.isTemporary:
+                    continue
+                fqn = f"`{schema}`.`{table.name}`"
+                try:
+                    struct = self.spark.table(fqn).schema
+                except Exception:  # a broken table must not hide the others
+                    continue
+                cols = tuple(ColumnInfo(f.name, f.dataType, f.nullable,
+                                        f.metadata.get("comment")) for f in struct.fields)
+                tables[(schema, table.name)] = TableInfo(schema, table.name, cols,
+                                                         table.tableType == "VIEW")
+        return schemas, tables
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Re-read the catalog if the warehouse changed, after DDL, or when forced."""
+        from dicomlake.catalog.warehouse import Warehouse
+
+        with self._lock:
+            listed = Warehouse(self.warehouse_root).tables()
+            if not force and not self._stale and listed == self._warehouse_tables:
+                return
+            schemas, tables = self._take()
+            fingerprint = (tuple(schemas), tuple(
+                (k, tuple((c.name, c.data_type.simpleString()) for c in t.columns))
+                for k, t in sorted(tables.items())))
+            if fingerprint != self._fingerprint:
+                self._fingerprint = fingerprint
+                self._version += 1
+            self._schemas, self._tables = schemas, tables
+            self._warehouse_tables = listed
+            self._stale = False
+            self._taken_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        """Mark the snapshot stale (after DDL) so the next use re-reads the catalog."""
+        with self._lock:
+            self._stale = True
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def schemas(self, *, admin: bool) -> list[str]:
+        self.refresh()
+        return [s for s in self._schemas if admin or s not in ADMIN_ONLY_SCHEMAS]
+
+    def table(self, schema: str, name: str, *, admin: bool) -> TableInfo | None:
+        """The table if it exists and this kind of user may see it (re-reads on a miss)."""
+        if not admin and schema in ADMIN_ONLY_SCHEMAS:
+            return None
+        self.refresh()
+        found = self._tables.get((schema, name))
+        if found is None:
+            self.refresh(force=True)
+            found = self._tables.get((schema, name))
+        return found
+
+    def has_schema(self, schema: str, *, admin: bool) -> bool:
+        if schema == INFORMATION_SCHEMA:
+            return True
+        if schema in self.schemas(admin=admin):
+            return True
+        self.refresh(force=True)
+        return schema in self.schemas(admin=admin)
+
+    # -- views ------------------------------------------------------------------------------
+
+    def metadata_view(self, kind: str) -> str:
+        """Name of the up-to-date metadata view ``kind`` (built now if stale)."""
+        self.refresh()
+        name = view_name(kind)
+        with self._lock:
+            if self._built.get(name) != self._version:
+                self._build_metadata_view(kind, name)
+                self._built[name] = self._version
+        return name
+
+    def masked_view(self, schema: str, table: str) -> str:
+        """Name of the up-to-date masked view of ``schema.table`` (built now if stale)."""
+        name = masked_view_name(schema, table)
+        with self._lock:
+            info = self._tables.get((schema, table))
+            if info is not None and self._built.get(name) != self._version:
+                sql = masked_view_sql(schema, table, [c.name for c in info.columns], self.salt)
+                self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{name}` AS {sql}")
+                self._built[name] = self._version
+        return name
+
+    def _build_metadata_view(self, kind: str, name: str) -> None:
+        import pyarrow as pa
+
+        types = {"string": pa.string(), "bigint": pa.int64(), "boolean": pa.bool_()}
+        fields = [part.strip().split() for part in VIEW_COLUMNS[kind].split(",")]
+        arrow_schema = pa.schema([(n, types[t]) for n, t in fields]
+                                 + [(ADMIN_ONLY_COLUMN, pa.bool_())])
+        tables = sorted(self._tables.values(), key=lambda t: (t.schema, t.name))
+        rows = [(*row, False) for row in self._rows_for(
+            kind, [s for s in self._schemas if s not in ADMIN_ONLY_SCHEMAS],
+            [t for t in tables if t.schema not in ADMIN_ONLY_SCHEMAS])]
+        everything = self._rows_for(kind, self._schemas, tables)
+        seen = {row[:-1] for row in rows}
+        rows += [(*row, True) for row in everything if tuple(row) not in seen]
+        columns = list(zip(*rows, strict=True)) if rows else [[] for _ in arrow_schema]
+        data = pa.table([pa.array(list(col), type=f.type)
+                         for col, f in zip(columns, arrow_schema, strict=True)],
+                        schema=arrow_schema)
+        self.spark.createDataFrame(data).createOrReplaceTempView(name)
+
+    def _rows_for(self, kind: str, schemas: list[str],
+                  tables: list[TableInfo]) -> list[tuple[Any, ...]]:
+        lake_schemas = [*schemas, INFORMATION_SCHEMA]
+        system_schemas = ["information_schema", "jdbc", "metadata"]
+        system_tables = [(s, t) for (s, t) in SYSTEM_TABLES]
+        if kind == "catalogs":
+            return [(CATALOG,), (SYSTEM_CATALOG,)]
+        if kind == "schemata":
+            return ([(CATALOG, s) for s in lake_schemas]
+                    + [(SYSTEM_CATALOG, s) for s in system_schemas])
+        if kind == "tables":
+            rows = [(CATALOG, t.schema, t.name, "VIEW" if t.is_view else "BASE TABLE")
+                    for t in tables]
+            return rows + [(SYSTEM_CATALOG, s, t, "BASE TABLE") for s, t in system_tables]
+        if kind == "columns":
+            return [(CATALOG, t.schema, t.name, c.name, i, None,
+                     "YES" if c.nullable else "NO", trino_type(c.data_type)[0], c.comment, None)
+                    for t in tables for i, c in enumerate(t.columns, start=1)]
+        if kind == "views":
+            return [(CATALOG, t.schema, t.name, None, "", "DEFINER") for t in tables
+                    if t.is_view]
+        if kind == "table_comments":
+            return [(CATALOG, t.schema, t.name, None) for t in tables]
+        if kind == "jdbc_catalogs":
+            return [(CATALOG,), (SYSTEM_CATALOG,)]
+        if kind == "jdbc_schemas":
+            return ([(s, CATALOG) for s in lake_schemas]
+                    + [(s, SYSTEM_CATALOG) for s in system_schemas])
+        if kind == "jdbc_tables":
+            rows = [(CATALOG, t.schema, t.name, "VIEW" if t.is_view else "TABLE", "", None,
+                     None, None, None, None) for t in tables]
+            return rows + [(SYSTEM_CATALOG, s, t, "TABLE", "", None, None, None, None, None)
+                           for s, t in system_tables]
+        if kind == "jdbc_columns":
+            out = []
+            for t in tables:
+                for i, c in enumerate(t.columns, start=1):
+                    name = trino_type(c.data_type)[0]
+                    digits = c.data_type.scale if isinstance(c.data_type, T.DecimalType) else None
+                    out.append((CATALOG, t.schema, t.name, c.name, _jdbc_type(name), name,
+                                _column_size(c.data_type), None, digits, 10, int(c.nullable),
+                                c.comment, None, None, None, None, i,
+                                "YES" if c.nullable else "NO", None, None, None, None, "NO",
+                                "NO"))
+            return out
+        if kind == "jdbc_table_types":
+            return [("TABLE",), ("VIEW",)]
+        if kind == "jdbc_types":
+            return [(name, code, None, None, None, None, 1, name in ("varchar", "char"), 3,
+                     False, False, False, None, 0, 0, None, None, 10)
+                    for name, code in sorted(_JDBC_TYPES.items())]
+        raise KeyError(kind)

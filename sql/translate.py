@@ -1,0 +1,573 @@
+"""Trino SQL in, a plan out: Spark SQL to run, or an answer the service gives itself.
+
+This is the translator layer (Kyuubi's ``KyuubiTrinoOperationTranslator``): it never touches
+HTTP and never runs a Spark job. It
+
+* answers session statements itself (``USE``, ``SET/RESET SESSION``, ``PREPARE``,
+  ``EXECUTE [IMMEDIATE] ... USING``, ``DEALLOCATE PREPARE``, transactions),
+* turns metadata statements (``SHOW CATALOGS/SCHEMAS/TABLES/COLUMNS``, ``DESCRIBE``) into
+  Spark SQL over the metadata views of :mod:`dicomlake.sql.metadata`,
+* parses everything else with sqlglot's Trino dialect, checks it against the user's role,
+  resolves ``catalog.schema.table`` names (``information_schema`` and ``system.*`` to
+  metadata views, analysts' tables to masked views) and writes Spark SQL.
+
+Errors carry the line and column in the text the client sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlglot
+from pyspark.sql import types as T
+from sqlglot import exp
+from sqlglot.errors import ErrorLevel, ParseError, SqlglotError
+
+from dicomlake.sql import errors as E
+from dicomlake.sql.errors import QueryError
+from dicomlake.sql.masking import needs_mask
+from dicomlake.sql.metadata import (
+    ADMIN_ONLY_COLUMN,
+    CATALOG,
+    INFORMATION_SCHEMA,
+    INFORMATION_SCHEMA_TABLES,
+    SYSTEM_CATALOG,
+    SYSTEM_TABLES,
+    view_columns,
+)
+from dicomlake.sql.session import SESSION_PROPERTIES, ClientSession, SessionChanges, parse_duration
+from dicomlake.sql.users import Principal, Role
+
+if TYPE_CHECKING:
+    from dicomlake.sql.metadata import LakeCatalog
+
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+READ_STATEMENTS = (exp.Select, exp.Union, exp.Intersect, exp.Except, exp.Values,
+                   exp.Subquery)
+"""Statement kinds a read-only user may run."""
+
+ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "image_knn", "explode", "explode_outer",
+                                     "inline", "inline_outer", "posexplode", "stack",
+                                     "json_tuple"})
+"""Table functions non-admins may call (no file readers such as ``read_files``)."""
+
+DENIED_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect", "read_files",
+                              "input_file_name", "input_file_block_start",
+                              "input_file_block_length"})
+"""Functions only admins may call: they reach the JVM or the file system."""
+
+_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$@-]*)'
+_QNAME = rf"{_IDENT}(?:\s*\.\s*{_IDENT}){{0,2}}"
+_STRING = r"'(?:[^']|'')*'"
+_LIKE = rf"(?:\s+LIKE\s+(?P<like>{_STRING})(?:\s+ESCAPE\s+{_STRING})?)?"
+
+
+def _re(pattern: str) -> re.Pattern[str]:
+    return re.compile(rf"^\s*{pattern}\s*$", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass
+class Plan:
+    """What to do for one statement."""
+
+    kind: str
+    """``spark`` (run ``spark_sql``), ``local`` (``columns``/``rows`` are the answer) or
+    ``describe_output`` (analyse ``spark_sql`` and describe its columns)."""
+    spark_sql: str | None = None
+    is_query: bool = False
+    update_type: str | None = None
+    columns: list[tuple[str, T.DataType]] = field(default_factory=list)
+    rows: list[list[Any]] = field(default_factory=list)
+    changes: SessionChanges = field(default_factory=SessionChanges)
+    rename: dict[str, str] = field(default_factory=dict)
+    reads_audit_log: bool = False
+    changes_catalog: bool = False
+    timeout_seconds: float | None = None
+
+
+def _unquote_ident(text: str) -> str:
+    text = text.strip()
+    if text.startswith('"'):
+        return text[1:-1].replace('""', '"')
+    return text.lower()
+
+
+def _split_qname(text: str) -> list[str]:
+    return [_unquote_ident(p) for p in re.findall(_IDENT, text)]
+
+
+def _unquote_string(text: str) -> str:
+    return text[1:-1].replace("''", "'")
+
+
+def _lit(value: str) -> str:
+    return exp.Literal.string(value).sql("spark")
+
+
+def _position(sql: str, node: exp.Expression | None) -> tuple[int | None, int | None]:
+    """1-based line and column of ``node`` in ``sql`` (from sqlglot's token positions)."""
+    if node is None:
+        return None, None
+    ident = node if isinstance(node, exp.Identifier) else node.find(exp.Identifier)
+    meta = getattr(ident, "meta", None) or {}
+    start = meta.get("start")
+    if start is None:
+        return None, None
+    line = sql.count("\n", 0, start) + 1
+    column = start - (sql.rfind("\n", 0, start) + 1) + 1
+    return line, column
+
+
+def locate_name(sql: str, name: str) -> tuple[int | None, int | None]:
+    """Where an identifier named ``name`` first appears in ``sql`` (for Spark's errors)."""
+    try:
+        tree = sqlglot.parse_one(sql, read="trino")
+    except SqlglotError:
+        return None, None
+    for ident in tree.find_all(exp.Identifier):
+        if ident.name.lower() == name.lower():
+            return _position(sql, ident)
+    return None, None
+
+
+def _syntax_error(sql: str, exc: ParseError) -> QueryError:
+    detail = exc.errors[0] if exc.errors else {}
+    line, col = detail.get("line"), detail.get("col")
+    description = str(detail.get("description", exc)).split(" but got <Token")[0]
+    highlight = detail.get("highlight")
+    if highlight:
+        description += f" near '{highlight}'"
+        if isinstance(col, int):
+            col = max(1, col - len(highlight) + 1)
+    prefix = f"line {line}:{col}: " if line else ""
+    return QueryError(E.SYNTAX_ERROR, f"{prefix}{description}", line=line, column=col)
+
+
+class Translator:
+    """Plans Trino statements for one lake catalog."""
+
+    def __init__(self, catalog: LakeCatalog, *, server_version: str,
+                 max_timeout_seconds: float) -> None:
+        self.catalog = catalog
+        self.server_version = server_version
+        self.max_timeout_seconds = max_timeout_seconds
+        self._handlers: list[tuple[re.Pattern[str], Any]] = [
+            (_re(r"USE\s+(?P<name>" + _QNAME + ")"), self._use),
+            (_re(r"SHOW\s+CATALOGS" + _LIKE), self._show_catalogs),
+            (_re(rf"SHOW\s+SCHEMAS(?:\s+(?:FROM|IN)\s+(?P<name>{_IDENT}))?" + _LIKE),
+             self._show_schemas),
+            (_re(rf"SHOW\s+TABLES(?:\s+(?:FROM|IN)\s+(?P<name>{_QNAME}))?" + _LIKE),
+             self._show_tables),
+            (_re(rf"SHOW\s+COLUMNS\s+(?:FROM|IN)\s+(?P<name>{_QNAME})" + _LIKE),
+             self._show_columns),
+            (_re(r"SHOW\s+SESSION" + _LIKE), self._show_session),
+            (_re(rf"SET\s+SESSION\s+(?P<name>{_QNAME})\s*=\s*(?P<value>.+)"),
+             self._set_session),
+            (_re(rf"RESET\s+SESSION\s+(?P<name>{_QNAME})"), self._reset_session),
+            (_re(rf"PREPARE\s+(?P<name>{_IDENT})\s+FROM\s+(?P<body>.+)"), self._prepare),
+            (_re(rf"EXECUTE\s+IMMEDIATE\s+(?P<body>{_STRING})(?:\s+USING\s+(?P<params>.+))?"),
+             self._execute_immediate),
+            (_re(rf"EXECUTE\s+(?P<name>{_IDENT})(?:\s+USING\s+(?P<params>.+))?"),
+             self._execute),
+            (_re(rf"DEALLOCATE\s+PREPARE\s+(?P<name>{_IDENT})"), self._deallocate),
+            (_re(rf"DESCRIBE\s+OUTPUT\s+(?P<name>{_IDENT})"), self._describe_output),
+            (_re(rf"DESCRIBE\s+INPUT\s+(?P<name>{_IDENT})"), self._describe_input),
+            (_re(rf"(?:DESCRIBE|DESC)\s+(?P<name>{_QNAME})"), self._show_columns),
+            (_re(r"START\s+TRANSACTION(?:\s+.*)?"), self._start_transaction),
+            (_re(r"(?:COMMIT|ROLLBACK)(?:\s+WORK)?"), self._end_transaction),
+            (_re(r"EXPLAIN\s+(?:ANALYZE\s+)?(?:\([^)]*\)\s*)?(?P<body>.+)"), self._explain),
+        ]
+
+    # -- entry point ------------------------------------------------------------------------
+
+    def plan(self, sql: str, session: ClientSession, principal: Principal) -> Plan:
+        """Plan one statement.
+
+        Raises:
+            QueryError: syntax errors, unknown objects, permission and translation failures.
+        """
+        text = sql.strip()
+        while text.endswith(";"):
+            text = text[:-1].rstrip()
+        if not text:
+            raise QueryError(E.SYNTAX_ERROR, "line 1:1: the statement is empty", line=1,
+                             column=1)
+        for pattern, handler in self._handlers:
+            match = pattern.match(text)
+            if match:
+                return handler(match, text, session, principal)
+        return self._statement(text, session, principal)
+
+    # -- names ------------------------------------------------------------------------------
+
+    def _catalog_of(self, name: str | None, session: ClientSession) -> str:
+        catalog = (name or session.catalog or CATALOG).lower()
+        if catalog not in (CATALOG, SYSTEM_CATALOG):
+            raise QueryError(E.CATALOG_NOT_FOUND, f"Catalog '{catalog}' does not exist")
+        return catalog
+
+    def _schema_of(self, parts: list[str], session: ClientSession,
+                   principal: Principal) -> tuple[str, str]:
+        if len(parts) == 2:
+            catalog, schema = self._catalog_of(parts[0], session), parts[1]
+        elif len(parts) == 1:
+            catalog, schema = self._catalog_of(None, session), parts[0]
+        else:
+            catalog = self._catalog_of(None, session)
+            if not session.schema:
+                raise QueryError(E.MISSING_SCHEMA_NAME,
+                                 "Schema must be specified when session schema is not set")
+            schema = session.schema
+        exists = (schema in ("information_schema", "jdbc", "metadata")
+                  if catalog == SYSTEM_CATALOG
+                  else self.catalog.has_schema(schema, admin=principal.role is Role.ADMIN))
+        if not exists:
+            raise QueryError(E.SCHEMA_NOT_FOUND, f"Schema '{catalog}.{schema}' does not exist")
+        return catalog, schema
+
+    # -- session statements -----------------------------------------------------------------
+
+    def _local(self, update_type: str, changes: SessionChanges | None = None) -> Plan:
+        return Plan("local", update_type=update_type, changes=changes or SessionChanges())
+
+    def _use(self, m: re.Match[str], text: str, session: ClientSession,
+             principal: Principal) -> Plan:
+        parts = _split_qname(m["name"])
+        if len(parts) > 2:
+            raise QueryError(E.SYNTAX_ERROR, "USE takes 'schema' or 'catalog.schema'",
+                             line=1, column=1)
+        catalog, schema = self._schema_of(parts, session, principal)
+        return self._local("USE", SessionChanges(set_catalog=catalog, set_schema=schema))
+
+    def _set_session(self, m: re.Match[str], text: str, session: ClientSession,
+                     principal: Principal) -> Plan:
+        name = ".".join(_split_qname(m["name"]))
+        if name not in SESSION_PROPERTIES:
+            raise QueryError(E.INVALID_SESSION_PROPERTY,
+                             f"Session property '{name}' does not exist; known: "
+                             f"{', '.join(sorted(SESSION_PROPERTIES))}")
+        raw = m["value"].strip()
+        value = _unquote_string(raw) if raw.startswith("'") else raw
+        parse_duration(value)
+        return self._local("SET SESSION", SessionChanges(set_session={name: value}))
+
+    def _reset_session(self, m: re.Match[str], text: str, session: ClientSession,
+                       principal: Principal) -> Plan:
+        name = ".".join(_split_qname(m["name"]))
+        return self._local("RESET SESSION", SessionChanges(clear_session=[name]))
+
+    def _show_session(self, m: re.Match[str], text: str, session: ClientSession,
+                      principal: Principal) -> Plan:
+        rows = [[name, session.properties.get(name, ""), "", "varchar", doc]
+                for name, doc in sorted(SESSION_PROPERTIES.items())]
+        string = T.StringType()
+        cols = [("Name", string), ("Value", string), ("Default", string), ("Type", string),
+                ("Description", string)]
+        return Plan("local", columns=cols, rows=rows, is_query=True)
+
+    def _prepare(self, m: re.Match[str], text: str, session: ClientSession,
+                 principal: Principal) -> Plan:
+        body = m["body"].strip()
+        try:
+            sqlglot.parse_one(body, read="trino")
+        except ParseError as exc:
+            raise _syntax_error(body, exc) from None
+        return self._local("PREPARE", SessionChanges(added_prepare={m["name"]: body}))
+
+    def _prepared(self, name: str, session: ClientSession) -> str:
+        if name not in session.prepared:
+            raise QueryError(E.NOT_FOUND, f"Prepared statement not found: {name}")
+        return session.prepared[name]
+
+    def _execute(self, m: re.Match[str], text: str, session: ClientSession,
+                 principal: Principal) -> Plan:
+        body = self._prepared(m["name"], session)
+        return self._with_params(body, m["params"], session, principal)
+
+    def _execute_immediate(self, m: re.Match[str], text: str, session: ClientSession,
+                           principal: Principal) -> Plan:
+        return self._with_params(_unquote_string(m["body"]), m["params"], session, principal)
+
+    def _with_params(self, body: str, params: str | None, session: ClientSession,
+                     principal: Principal) -> Plan:
+        values: list[exp.Expression] = []
+        if params:
+            try:
+                values = list(sqlglot.parse_one(f"SELECT {params}", read="trino").expressions)
+            except ParseError as exc:
+                raise QueryError(E.SYNTAX_ERROR, f"bad USING parameter list: {exc}") from None
+        for pattern, handler in self._handlers:
+            if pattern.match(body) and handler not in (self._explain,):
+                if values:
+                    raise QueryError(E.INVALID_PARAMETER_USAGE,
+                                     "this kind of statement takes no parameters")
+                return handler(pattern.match(body), body, session, principal)
+        return self._statement(body, session, principal, params=values)
+
+    def _deallocate(self, m: re.Match[str], text: str, session: ClientSession,
+                    principal: Principal) -> Plan:
+        self._prepared(m["name"], session)
+        return self._local("DEALLOCATE", SessionChanges(deallocated_prepare=[m["name"]]))
+
+    def _describe_output(self, m: re.Match[str], text: str, session: ClientSession,
+                         principal: Principal) -> Plan:
+        body = self._prepared(m["name"], session)
+        inner = self._statement(body, session, principal, params=None, null_params=True)
+        if not inner.is_query:
+            return Plan("local", is_query=True, columns=_DESCRIBE_OUTPUT_COLUMNS, rows=[])
+        return Plan("describe_output", spark_sql=inner.spark_sql, is_query=True)
+
+    def _describe_input(self, m: re.Match[str], text: str, session: ClientSession,
+                        principal: Principal) -> Plan:
+        body = self._prepared(m["name"], session)
+        count = len(list(sqlglot.parse_one(body, read="trino").find_all(exp.Placeholder)))
+        return Plan("local", is_query=True,
+                    columns=[("Position", T.LongType()), ("Type", T.StringType())],
+                    rows=[[i, "unknown"] for i in range(count)])
+
+    def _start_transaction(self, m: re.Match[str], text: str, session: ClientSession,
+                           principal: Principal) -> Plan:
+        return self._local("START TRANSACTION",
+                           SessionChanges(started_transaction=str(uuid.uuid4())))
+
+    def _end_transaction(self, m: re.Match[str], text: str, session: ClientSession,
+                         principal: Principal) -> Plan:
+        kind = text.split()[0].upper()
+        return self._local(kind, SessionChanges(clear_transaction=True))
+
+    def _explain(self, m: re.Match[str], text: str, session: ClientSession,
+                 principal: Principal) -> Plan:
+        inner = self._statement(m["body"], session, principal)
+        if inner.kind != "spark":
+            raise QueryError(E.NOT_SUPPORTED, "EXPLAIN works for queries only")
+        return Plan("spark", spark_sql=f"EXPLAIN {inner.spark_sql}", is_query=True,
+                    rename={"plan": "Query Plan"})
+
+    # -- metadata statements ----------------------------------------------------------------
+
+    def _meta_query(self, sql: str) -> Plan:
+        return Plan("spark", spark_sql=sql, is_query=True)
+
+    def _like(self, m: re.Match[str], column: str) -> str:
+        return f" AND {column} LIKE {_lit(_unquote_string(m['like']))}" if m["like"] else ""
+
+    def _view(self, kind: str, principal: Principal) -> tuple[str, str]:
+        """A metadata view and the filter that hides admin-only rows from others."""
+        hidden = "" if principal.role is Role.ADMIN else f" AND NOT {ADMIN_ONLY_COLUMN}"
+        return self.catalog.metadata_view(kind), hidden
+
+    def _show_catalogs(self, m: re.Match[str], text: str, session: ClientSession,
+                       principal: Principal) -> Plan:
+        view, hidden = self._view("catalogs", principal)
+        return self._meta_query(f"SELECT catalog_name AS `Catalog` FROM `{view}` WHERE true"
+                                f"{hidden}{self._like(m, 'catalog_name')} ORDER BY 1")
+
+    def _show_schemas(self, m: re.Match[str], text: str, session: ClientSession,
+                      principal: Principal) -> Plan:
+        catalog = self._catalog_of(_unquote_ident(m["name"]) if m["name"] else None, session)
+        view, hidden = self._view("schemata", principal)
+        return self._meta_query(
+            f"SELECT schema_name AS `Schema` FROM `{view}` WHERE catalog_name = {_lit(catalog)}"
+            f"{hidden}{self._like(m, 'schema_name')} ORDER BY 1")
+
+    def _show_tables(self, m: re.Match[str], text: str, session: ClientSession,
+                     principal: Principal) -> Plan:
+        parts = _split_qname(m["name"]) if m["name"] else []
+        catalog, schema = self._schema_of(parts, session, principal)
+        view, hidden = self._view("tables", principal)
+        return self._meta_query(
+            f"SELECT table_name AS `Table` FROM `{view}` WHERE table_catalog = {_lit(catalog)} "
+            f"AND table_schema = {_lit(schema)}{hidden}{self._like(m, 'table_name')} "
+            "ORDER BY 1")
+
+    def _show_columns(self, m: re.Match[str], text: str, session: ClientSession,
+                      principal: Principal) -> Plan:
+        parts = _split_qname(m["name"])
+        if len(parts) > 3:
+            raise QueryError(E.SYNTAX_ERROR, f"'{m['name']}' is not a table name")
+        table = parts[-1]
+        catalog, schema = self._schema_of(parts[:-1], session, principal)
+        admin = principal.role is Role.ADMIN
+        if catalog == CATALOG and self.catalog.table(schema, table, admin=admin) is None:
+            raise QueryError(E.TABLE_NOT_FOUND,
+                             f"Table '{catalog}.{schema}.{table}' does not exist")
+        view, hidden = self._view("columns", principal)
+        like = self._like(m, "column_name") if "like" in m.groupdict() else ""
+        return self._meta_query(
+            f"SELECT column_name AS `Column`, data_type AS `Type`, '' AS `Extra`, "
+            f"coalesce(comment, '') AS `Comment` FROM `{view}` "
+            f"WHERE table_catalog = {_lit(catalog)} AND table_schema = {_lit(schema)} "
+            f"AND table_name = {_lit(table)}{hidden}{like} ORDER BY ordinal_position")
+
+    # -- general statements -----------------------------------------------------------------
+
+    def _statement(self, text: str, session: ClientSession, principal: Principal, *,
+                   params: list[exp.Expression] | None = None,
+                   null_params: bool = False) -> Plan:
+        try:
+            trees = [t for t in sqlglot.parse(text, read="trino") if t is not None]
+        except ParseError as exc:
+            raise _syntax_error(text, exc) from None
+        if len(trees) != 1:
+            raise QueryError(E.SYNTAX_ERROR, "send exactly one statement per request")
+        tree = trees[0]
+        admin = principal.role is Role.ADMIN
+        if isinstance(tree, exp.Describe) and isinstance(tree.this, exp.Table):
+            name = ".".join(p.name for p in tree.this.parts)
+            match = re.match(r"(?P<name>.+)", name)
+            assert match is not None
+            return self._show_columns(match, text, session, principal)
+        is_read = isinstance(tree, READ_STATEMENTS)
+        if not is_read and not principal.role.can_write:
+            kind = (tree.key.upper() if not isinstance(tree, exp.Command)
+                    else str(tree.this).upper())
+            raise QueryError(E.PERMISSION_DENIED,
+                             f"Access Denied: user '{principal.name}' has role "
+                             f"'{principal.role.value}', which is read-only; {kind} statements "
+                             "need the admin role", line=1, column=1)
+        if isinstance(tree, exp.Command):  # admin: Spark-specific command, passed through
+            return Plan("spark", spark_sql=text, is_query=False,
+                        update_type=str(tree.this).upper(), changes_catalog=True)
+        plan = Plan("spark", is_query=is_read)
+        self._bind(tree, text, params or [], null_params)
+        if not admin:
+            self._check_functions(tree, text)
+        self._resolve_tables(tree, text, session, principal, plan)
+        for node in list(tree.find_all(exp.CurrentVersion)):
+            node.replace(exp.Literal.string(self.server_version))
+        for node in list(tree.find_all(exp.CurrentUser)):
+            node.replace(exp.Literal.string(principal.name))
+        try:
+            plan.spark_sql = tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
+        except SqlglotError as exc:
+            raise QueryError(E.NOT_SUPPORTED,
+                             f"this statement cannot be translated to Spark SQL: {exc}"
+                             ) from None
+        if not is_read:
+            plan.update_type = tree.key.upper()
+            plan.changes_catalog = True
+        return plan
+
+    def _bind(self, tree: exp.Expression, text: str, params: list[exp.Expression],
+              null_params: bool) -> None:
+        slots = list(tree.find_all(exp.Placeholder, bfs=False))
+        if null_params:
+            for slot in slots:
+                slot.replace(exp.Null())
+            return
+        if len(slots) != len(params):
+            raise QueryError(E.INVALID_PARAMETER_USAGE,
+                             f"Incorrect number of parameters: expected {len(slots)} but found "
+                             f"{len(params)}")
+        for slot, value in zip(slots, params, strict=True):
+            slot.replace(value.copy())
+
+    def _check_functions(self, tree: exp.Expression, text: str) -> None:
+        for func in tree.find_all(exp.Func):
+            name = (func.name if isinstance(func, exp.Anonymous) else func.sql_name()).lower()
+            if name in DENIED_FUNCTIONS:
+                line, col = _position(text, func)
+                raise QueryError(E.PERMISSION_DENIED,
+                                 f"Access Denied: function '{name}' is for admins only",
+                                 line=line, column=col)
+
+    def _resolve_tables(self, tree: exp.Expression, text: str, session: ClientSession,
+                        principal: Principal, plan: Plan) -> None:
+        admin = principal.role is Role.ADMIN
+        ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+        for table in list(tree.find_all(exp.Table)):
+            if isinstance(table.this, exp.Func):
+                self._table_function(table, text, admin)
+                continue
+            name = table.name.lower() if not table.this.args.get("quoted") else table.name
+            if not table.args.get("db") and name in ctes:
+                continue
+            line, col = _position(text, table)
+            try:
+                catalog = self._catalog_of(table.catalog or None, session)
+            except QueryError as exc:
+                raise QueryError(exc.code, exc.message, line=line, column=col) from None
+            schema = table.db.lower() if table.db else session.schema
+            if not schema:
+                raise QueryError(E.MISSING_SCHEMA_NAME,
+                                 "Schema must be specified when session schema is not set",
+                                 line=line, column=col)
+            replacement = self._resolve_one(catalog, schema, name, admin, principal, plan)
+            if replacement is None:
+                raise QueryError(E.TABLE_NOT_FOUND,
+                                 f"Table '{catalog}.{schema}.{name}' does not exist",
+                                 line=line, column=col)
+            alias = table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(name))
+            replacement.set("alias", alias)
+            for key in ("joins", "laterals", "pivots", "hints", "sample", "version", "when"):
+                if table.args.get(key):
+                    replacement.set(key, table.args[key])
+            table.replace(replacement)
+        for column in tree.find_all(exp.Column):
+            column.set("catalog", None)
+            column.set("db", None)
+
+    def _resolve_one(self, catalog: str, schema: str, name: str, admin: bool,
+                     principal: Principal, plan: Plan) -> exp.Expression | None:
+        if schema == INFORMATION_SCHEMA:
+            if name not in INFORMATION_SCHEMA_TABLES:
+                return None
+            key = "catalog_name" if name == "schemata" else "table_catalog"
+            return self._metadata_subquery(name, admin, exp.column(key).eq(
+                exp.Literal.string(catalog)))
+        if catalog == SYSTEM_CATALOG:
+            kind = SYSTEM_TABLES.get((schema, name))
+            return self._metadata_subquery(kind, admin, None) if kind else None
+        info = self.catalog.table(schema, name, admin=admin)
+        if info is None:
+            if admin:  # admins may reach what Spark knows beyond the snapshot
+                return exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(schema))
+            return None
+        if (schema, name) == ("system", "audit_log"):
+            plan.reads_audit_log = True
+        if principal.role is Role.ANALYST and needs_mask([c.name for c in info.columns]):
+            return exp.Table(this=exp.to_identifier(self.catalog.masked_view(schema, name)))
+        return exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(schema))
+
+    def _metadata_subquery(self, kind: str, admin: bool,
+                           condition: exp.Expression | None) -> exp.Expression:
+        view = self.catalog.metadata_view(kind)
+        select = exp.select(*view_columns(kind)).from_(exp.to_identifier(view))
+        if condition is not None:
+            select = select.where(condition)
+        if not admin:
+            select = select.where(exp.not_(exp.column(ADMIN_ONLY_COLUMN)))
+        return exp.Subquery(this=select)
+
+    def _table_function(self, table: exp.Table, text: str, admin: bool) -> None:
+        func = table.this
+        if isinstance(func, exp.Anonymous) and func.name.lower() == "table" and func.expressions:
+            func.replace(func.expressions[0])  # Trino's TABLE(f(...)) is Spark's f(...)
+            func = table.this
+        name = (func.name if isinstance(func, exp.Anonymous) else func.sql_name()).lower()
+        if not admin and name not in ALLOWED_TABLE_FUNCTIONS:
+            line, col = _position(text, table)
+            raise QueryError(E.PERMISSION_DENIED,
+                             f"Access Denied: table function '{name}' is for admins only",
+                             line=line, column=col)
+
+    def timeout_for(self, session: ClientSession, principal: Principal) -> float:
+        """The time limit for a query of this session (a session may only lower it)."""
+        value = session.properties.get("query_max_run_time")
+        if not value:
+            return self.max_timeout_seconds
+        seconds = parse_duration(value)
+        if principal.role is Role.ADMIN:
+            return seconds
+        return min(seconds, self.max_timeout_seconds)
+
+
+_DESCRIBE_OUTPUT_COLUMNS: list[tuple[str, T.DataType]] = [
+    ("Column Name", T.StringType()), ("Catalog", T.StringType()), ("Schema", T.StringType()),
+    ("Table", T.StringType()), ("Type", T.StringType()), ("Type Size", T.LongType()),
+    ("Aliased", T.BooleanType())]
