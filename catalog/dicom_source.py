@@ -31,7 +31,6 @@ from pyspark.sql.types import (
 )
 
 from dicomlake.catalog.errors import ErrorKind, HeaderError
-from dicomlake.catalog.header import Header, parse_da, read_header
 from dicomlake.catalog.inputs import (
     DICOM_SUFFIXES,
     Source,
@@ -42,6 +41,8 @@ from dicomlake.catalog.inputs import (
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from dicomlake.catalog.header import Header
 
 CORRUPT_RECORD = "_corrupt_record"
 ERROR_KIND = "_error_kind"
@@ -84,6 +85,7 @@ PROMOTED: tuple[tuple[str, int, str], ...] = (
     ("rescale_intercept", 0x00281052, "float"),
     ("rescale_slope", 0x00281053, "float"),
 )
+_PROMOTED_KEYS = {tag: f"{tag:08X}" for _, tag, _ in PROMOTED}
 _KIND_TYPES = {"str": StringType(), "name": StringType(), "date": DateType(),
                "int": IntegerType(), "float": DoubleType(), "floats": ArrayType(DoubleType())}
 
@@ -232,9 +234,12 @@ class _Input:
 
 
 def _promoted_values(header: Header) -> dict[str, Any]:
+    from dicomlake.catalog.header import parse_da
+
     values: dict[str, Any] = {}
     for name, tag, kind in PROMOTED:
-        first = header.first(tag)
+        many = header.values(_PROMOTED_KEYS[tag])
+        first = many[0] if many else None
         if kind == "str":
             values[name] = first
         elif kind == "name":
@@ -247,7 +252,6 @@ def _promoted_values(header: Header) -> dict[str, Any]:
         elif kind == "float":
             values[name] = float(first) if isinstance(first, int | float) else None
         else:
-            many = header.values(tag)
             values[name] = (
                 [float(v) if isinstance(v, int | float) else None for v in many] if many else None
             )
@@ -325,6 +329,9 @@ class DicomDataSourceReader(DataSourceReader):
             yield row
 
     def _parse(self, inp: _Input, fp: IO[bytes], dicom_name: bool) -> Iterator[dict[str, Any]]:
+        # Imported here: planning workers never parse, and pydicom costs 0.5 s to import.
+        from dicomlake.catalog.header import read_header
+
         if inp.file_size == 0:
             yield from self._error(inp, ErrorKind.EMPTY, "file is empty (0 bytes)")
             return

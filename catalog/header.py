@@ -16,13 +16,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
-import json
 import math
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import IO, Any
 
+import orjson
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -254,18 +254,14 @@ class Header:
     pixel_data_offset: int | None
     pixel_data_length: int | None
 
-    def first(self, tag: int) -> Any:
-        """First value of a top-level element, or None."""
-        values = self.meta.get(f"{tag:08X}", {}).get("Value")
-        return values[0] if values else None
-
-    def values(self, tag: int) -> list[Any] | None:
-        """All values of a top-level element, or None."""
-        return self.meta.get(f"{tag:08X}", {}).get("Value") or None
+    def values(self, key: str) -> list[Any] | None:
+        """All values of a top-level element (key: 8 hex digits, e.g. ``"00080060"``)."""
+        element = self.meta.get(key)
+        return element.get("Value") or None if element is not None else None
 
     def meta_json(self) -> str:
-        """The dataset as compact PS3.18 DICOM JSON text."""
-        return json.dumps(self.meta, separators=(",", ":"), allow_nan=False)
+        """The dataset as compact PS3.18 DICOM JSON text (orjson: ~5x the stdlib's speed)."""
+        return orjson.dumps(self.meta).decode()
 
 
 def _pixel_element_header(fp: IO[bytes], little: bool) -> tuple[str, int, int] | None:
@@ -421,7 +417,7 @@ _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT",
                        "SV", "UV"})
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_FIRST_READ = 16 << 10
+_FIRST_READ = 8 << 10
 
 
 class _NeedMore(Exception):
