@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from dicomlake.catalog.sample import Profile, make_sample
-from dicomlake.console import run_sql, sql_shell, start_session
+from dicomlake.console import error_summary, run_sql, sql_shell, start_session
 
 
 @click.command()
@@ -105,8 +105,13 @@ def sql(statements: tuple[str, ...], limit: int) -> None:
     if not statements:
         sql_shell(spark)
         return
+    from pyspark.errors import PySparkException
+
     for statement in statements:
-        click.echo(run_sql(spark, statement, limit=limit))
+        try:
+            click.echo(run_sql(spark, statement, limit=limit))
+        except PySparkException as exc:
+            raise click.ClickException(error_summary(exc)) from exc
 
 
 COMMANDS = [sample, ingest, tables, sql]

@@ -44,6 +44,12 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
     return "\n".join(" " + o for o in out)
 
 
+def error_summary(exc: BaseException) -> str:
+    """The first meaningful line of an error (Spark's messages carry plans and stacks)."""
+    text = str(exc).strip()
+    return text.split("\n", 1)[0] if text else type(exc).__name__
+
+
 def run_sql(spark: SparkSession, statement: str, *, limit: int = 50) -> str:
     """Run one statement and render up to ``limit`` rows."""
     df = spark.sql(statement)
@@ -79,6 +85,5 @@ def sql_shell(spark: SparkSession) -> None:
         try:
             click.echo(run_sql(spark, text.rstrip(";")))
         except Exception as exc:  # the shell must survive bad SQL and show why
-            message = str(exc).split("\n", 1)[0]
-            click.echo(click.style(f"error: {message}", fg="red"), err=True)
+            click.echo(click.style(f"error: {error_summary(exc)}", fg="red"), err=True)
         sys.stdout.flush()
