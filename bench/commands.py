@@ -35,4 +35,38 @@ def ingest_cmd(files: int, files_per_archive: int, as_json: bool) -> None:
     emit(ingest_bench.run(files=files, files_per_archive=files_per_archive), as_json)
 
 
+
+@bench.command("knn")
+@click.option("--codes", default=200_000, show_default=True, help="PQ codes to search.")
+@click.option("--dim", default=128, show_default=True, help="Synthetic vector size.")
+@click.option("--m", "m", default=16, show_default=True, help="PQ sub-spaces.")
+@click.option("--queries", default=100, show_default=True)
+@click.option("--no-sql", is_flag=True, help="Skip the Spark SQL latency part.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def knn_cmd(codes: int, dim: int, m: int, queries: int, no_sql: bool, as_json: bool) -> None:
+    """Our ADC scan vs faiss IndexPQ, recall@10 with refine, image_knn SQL latency."""
+    from dicomlake.bench import knn as knn_bench
+
+    emit(knn_bench.run(codes=codes, dim=dim, m=m, queries=queries, sql=not no_sql), as_json)
+
+
+@bench.command("embed")
+@click.option("--files", default=400, show_default=True, help="Images (512x512 CT/MR).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def embed_cmd(files: int, as_json: bool) -> None:
+    """Embeddings through the Spark vectorized UDF vs the bare ONNX model."""
+    from dicomlake.bench import embed as embed_bench
+
+    emit(embed_bench.run(files=files), as_json)
+
+
+@bench.command("retrieval")
+@click.option("--bases", default=60, show_default=True, help="Distinct shipped images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def retrieval_cmd(bases: int, as_json: bool) -> None:
+    """precision@10 on near-duplicates of the shipped sample images."""
+    from dicomlake.bench import retrieval as retrieval_bench
+
+    emit(retrieval_bench.run(bases=bases), as_json)
+
 COMMANDS = [bench]

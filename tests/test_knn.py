@@ -3,19 +3,14 @@ and embedding, LATERAL, filters, refine, retrain, and the errors users hit."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
+from _knn_helpers import a_ct, augment, is_source
 
 from dicomlake.catalog.ingest import ingest
 from dicomlake.catalog.warehouse import Warehouse
 from dicomlake.config import Settings
 from dicomlake.udfs import register_functions
 from dicomlake.udfs.pipeline import embed
-from dicomlake.udfs.pixels import load_frames, read_bytes
 from dicomlake.udfs.settings import SimilaritySettings
 
 SIM = SimilaritySettings(m=32)
@@ -41,12 +36,6 @@ def _rows(spark, sql):
     return [r.asDict() for r in spark.sql(sql).collect()]
 
 
-def _a_ct(spark):
-    return spark.sql("SELECT i.sop_instance_uid, i.path FROM dicom.instances i JOIN "
-                     "dicom.embeddings e USING (sop_instance_uid) WHERE i.modality = 'CT' "
-                     "AND i.rows = 512 ORDER BY i.path LIMIT 1").first()
-
-
 def test_embed_records_model_and_every_frame(spark, lake):
     assert lake.embeddings >= lake.instances > 0
     assert lake.codes_written == lake.embeddings
@@ -67,7 +56,7 @@ def test_embed_again_does_nothing_new(spark, settings, lake):
 
 
 def test_query_by_uid_finds_itself_first_sorted(spark, lake):
-    ct = _a_ct(spark)
+    ct = a_ct(spark)
     rows = _rows(spark, f"SELECT * FROM image_knn(query => '{ct.sop_instance_uid}', k => 5)")
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[0]["distance"] == pytest.approx(0.0, abs=1e-3)
@@ -76,7 +65,7 @@ def test_query_by_uid_finds_itself_first_sorted(spark, lake):
 
 
 def test_join_with_instances_and_positional_args(spark, lake):
-    ct = _a_ct(spark)
+    ct = a_ct(spark)
     rows = _rows(spark, f"""
         SELECT i.modality, n.distance FROM image_knn('{ct.sop_instance_uid}', 3) n
         JOIN dicom.instances i USING (sop_instance_uid) ORDER BY n.rank""")
@@ -94,7 +83,7 @@ def test_lateral_one_search_per_row(spark, lake):
 
 
 def test_filter_keeps_scanning_until_k_rows_pass(spark, lake):
-    ct = _a_ct(spark)
+    ct = a_ct(spark)
     n_mr = spark.sql("SELECT count(*) FROM dicom.instances i JOIN dicom.embeddings "
                      "USING (sop_instance_uid) WHERE modality = 'MR'").first()[0]
     k = min(5, n_mr)
@@ -107,7 +96,7 @@ def test_filter_keeps_scanning_until_k_rows_pass(spark, lake):
 
 
 def test_query_by_embedding_and_refine_off(spark, lake):
-    ct = _a_ct(spark)
+    ct = a_ct(spark)
     rows = _rows(spark, f"""
         SELECT n.* FROM (SELECT embedding FROM dicom.embeddings
                          WHERE sop_instance_uid = '{ct.sop_instance_uid}') e,
@@ -116,32 +105,13 @@ def test_query_by_embedding_and_refine_off(spark, lake):
     assert rows[0]["distance"] < 1.0  # ADC distance of a vector to its own code is small
 
 
-def _augment(path: str, out) -> None:
-    """Noise, a 3-pixel shift and a window change: the same anatomy, other bytes."""
-    ds = dcmread(io.BytesIO(read_bytes(path)))
-    arr = ds.pixel_array.astype(np.int32)
-    rng = np.random.default_rng(1)
-    arr = np.roll(arr, 3, axis=1) + rng.normal(0, 8, arr.shape).astype(np.int32)
-    info = np.iinfo(ds.pixel_array.dtype)
-    ds.PixelData = np.clip(arr, info.min, info.max).astype(ds.pixel_array.dtype).tobytes()
-    ds.WindowCenter, ds.WindowWidth = 60, 450
-    ds.SOPInstanceUID = generate_uid()
-    ds.save_as(out)
-
-
 def test_augmented_image_finds_its_source(spark, lake, tmp_path):
-    ct = _a_ct(spark)
+    ct = a_ct(spark)
     query = tmp_path / "augmented.dcm"
-    _augment(ct.path, query)
+    augment(ct.path, query)
     top = spark.sql(f"SELECT i.path FROM image_knn(query => '{query}', k => 1) n "
                     "JOIN dicom.instances i USING (sop_instance_uid)").first()
-    # The sample makes each series from one template, slice k being the template rolled by
-    # k rows; those copies are the source up to a shift smaller than the augmentation's, so
-    # finding one of them (and not another template) is finding the source.
-    source = load_frames(read_bytes(ct.path), ct.path).data[0]
-    found = load_frames(read_bytes(top.path), top.path).data[0]
-    assert top.path == ct.path or any(
-        np.array_equal(np.roll(source, k, axis=0), found) for k in range(-40, 41))
+    assert is_source(ct.path, top.path)
 
 
 @pytest.mark.parametrize("sql, message", [
@@ -154,7 +124,7 @@ def test_augmented_image_finds_its_source(spark, lake, tmp_path):
     ("image_knn(query => '{uid}', k => 3, filter => 'colour = 1')", "unknown column 'colour'"),
 ])
 def test_bad_calls_say_what_is_wrong(spark, lake, sql, message):
-    uid = _a_ct(spark).sop_instance_uid
+    uid = a_ct(spark).sop_instance_uid
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
         spark.sql(f"SELECT * FROM {sql.format(uid=uid)}").collect()
 
@@ -177,7 +147,7 @@ def test_retrain_new_codebook_refuses_old_codes_then_reencodes(spark, settings, 
     before = pq.latest(books).version
     new = train_codebook(spark, settings, SIM)  # a new version, codes not re-encoded yet
     assert new.version == before + 1
-    uid = _a_ct(spark).sop_instance_uid
+    uid = a_ct(spark).sop_instance_uid
     with pytest.raises(Exception, match=f"codebook version.*current codebook is v{new.version}"):
         spark.sql(f"SELECT * FROM image_knn(query => '{uid}', k => 3)").collect()
     result = embed(spark, settings, SIM)  # resumes: re-encodes everything with the new one

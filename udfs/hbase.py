@@ -26,6 +26,7 @@ import itertools
 import os
 import socket
 import struct
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -85,20 +86,18 @@ class HBaseCodeStore:
         from google.cloud import bigtable
 
         os.environ["BIGTABLE_EMULATOR_HOST"] = str(self.settings.emulator)
-        client = bigtable.Client(project=self.settings.project, admin=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "Connecting to emulator at"
+            client = bigtable.Client(project=self.settings.project, admin=True)
         return client.instance(self.settings.instance)
 
     def connect(self) -> Any:
         """A happybase-API connection (not thread-safe: one per thread)."""
         _reachable(*self._address(), self.settings.timeout_ms / 1000)
         if self.settings.emulator:
-            import warnings
-
             import google.cloud.happybase as hb
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # "connecting to emulator"
-                return hb.Connection(instance=self._instance())
+            return hb.Connection(instance=self._instance())
         import happybase
 
         return happybase.Connection(self.settings.host, self.settings.port,

@@ -30,6 +30,7 @@ from dicomlake.udfs import pq
 from dicomlake.udfs.codestore import check_versions, open_store
 from dicomlake.udfs.errors import CodebookError, KnnError
 from dicomlake.udfs.search import CodeIndex
+from dicomlake.udfs.search import refine as refine_rows
 from dicomlake.udfs.settings import SimilaritySettings
 
 KNN_DDL = "rank int, sop_instance_uid string, frame int, distance double"
@@ -184,14 +185,8 @@ class Searcher:
                            f"{nprobe}, refine={refine}")
         allowed = self.allowed(filter_text) if filter_text else None
         rows, dist = self.index.search(vec, max(k, refine), nprobe=nprobe, allowed=allowed)
-        if refine and self.exact is not None and self.exact_rows is not None and len(rows):
-            ex = self.exact_rows[rows]
-            have = ex >= 0
-            exact = ((self.exact[ex[have]] - vec[np.newaxis]) ** 2).sum(axis=1)
-            dist = dist.astype(np.float64)
-            dist[have] = exact
-            order = np.argsort(dist, kind="stable")
-            rows, dist = rows[order], dist[order]
+        if refine:
+            rows, dist = refine_rows(rows, dist, vec, self.exact, self.exact_rows)
         rows, dist = rows[:k], dist[:k]
         return [(i + 1, str(self.index.ids[r]), int(self.index.frames[r]),
                  float(np.sqrt(max(d, 0.0)))) for i, (r, d) in enumerate(zip(rows, dist,

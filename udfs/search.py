@@ -145,3 +145,16 @@ def _smallest(rows: np.ndarray, dist: np.ndarray, count: int) -> tuple[np.ndarra
         rows, dist = rows[part], dist[part]
     order = np.argsort(dist, kind="stable")
     return rows[order], dist[order]
+
+
+def refine(rows: np.ndarray, dist: np.ndarray, query: np.ndarray, exact: np.ndarray | None,
+           exact_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Re-rank candidates by exact squared distance (rows without a vector keep ADC's)."""
+    if exact is None or exact_rows is None or not len(rows):
+        return rows, dist
+    ex = exact_rows[rows]
+    have = ex >= 0
+    dist = dist.astype(np.float64)
+    dist[have] = ((exact[ex[have]] - query[np.newaxis]) ** 2).sum(axis=1)
+    order = np.argsort(dist, kind="stable")
+    return rows[order], dist[order]

@@ -1,0 +1,73 @@
+"""Embedding benchmark: the Spark vectorized UDF vs the bare model on the same images.
+
+Both paths do the same work per image (read the member from its ZIP, decode, window,
+resize, EfficientNet-Lite0 in ONNX Runtime, batches of 32); the ratio shows what Spark adds
+(task scheduling, Arrow transfer, Parquet write of the results). Spark runs ``local[N]`` with
+one ONNX thread per task; the bare model gets N ONNX threads in one process: the same cores.
+Model export and Spark start-up are excluded from both.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
+        batch_size: int = 32) -> dict[str, Any]:
+    """Run the benchmark and return its keys (see the module docstring)."""
+    from dicomlake.catalog.delta import read_columns
+    from dicomlake.catalog.ingest import ingest
+    from dicomlake.catalog.sample import Profile, make_sample
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.config import Settings, SparkSettings
+    from dicomlake.session import build_session
+    from dicomlake.udfs import model as model_mod
+    from dicomlake.udfs.embeddings import ONNX_THREADS_ENV
+    from dicomlake.udfs.pipeline import embed_instances
+    from dicomlake.udfs.pixels import model_inputs
+    from dicomlake.udfs.settings import SimilaritySettings
+
+    with tempfile.TemporaryDirectory(prefix="dicomlake-bench-embed-") as tmp:
+        home = Path(tmp)
+        archives = make_sample(home / "samples", archives=max(1, files // files_per_archive),
+                               files=files_per_archive, seed=11, profile=Profile.CTMR)
+        settings = Settings(home=home, spark=SparkSettings(master=f"local[{cores}]",
+                                                          driver_memory="2g"))
+        os.environ[ONNX_THREADS_ENV] = "1"
+        spark = build_session(settings)
+        ingest(spark, Warehouse(settings.warehouse_path), [str(a) for a in archives])
+        model_mod.export_onnx(home)
+        similarity = SimilaritySettings(batch_size=batch_size)
+
+        started = time.perf_counter()
+        images, rows, _ = embed_instances(spark, settings, similarity)
+        udf_s = time.perf_counter() - started
+
+        paths = read_columns(settings.warehouse_path / "dicom" / "instances",
+                             ["path"]).column("path").to_pylist()
+        embedder = model_mod.get_embedder(home, threads=cores)
+        embedder.embed(np.zeros((1, 224, 224, 3), np.uint8))  # warm, as the workers are
+        started = time.perf_counter()
+        pending: list[np.ndarray] = []
+        for path in paths:
+            pending.extend(model_inputs(path))
+            if len(pending) >= batch_size:
+                embedder.embed(np.stack(pending))
+                pending = []
+        if pending:
+            embedder.embed(np.stack(pending))
+        raw_s = time.perf_counter() - started
+    return {
+        "images": images,
+        "embeddings": rows,
+        "cores": cores,
+        "images_per_second": images / udf_s,
+        "raw_images_per_second": len(paths) / raw_s,
+        "udf_efficiency": (images / udf_s) / (len(paths) / raw_s),
+    }
