@@ -240,6 +240,7 @@ class DeltaTableReader(DataSourceReader):
         return parts
 
     def read(self, partition: DeltaFilesPartition) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
         from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -247,9 +248,8 @@ class DeltaTableReader(DataSourceReader):
         for path in partition.paths:
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(batch_size=4096, columns=target.names):
-                import pyarrow as pa
-
-                yield pa.Table.from_batches([batch]).cast(target).to_batches()[0]
+                # Spark insists on its exact Arrow types (list field names, tz, widths).
+                yield from pa.Table.from_batches([batch]).cast(target).to_batches()
 
 
 class DeltaTableDataSource(DataSource):
