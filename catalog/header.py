@@ -229,14 +229,19 @@ class _BoundedReader(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0 or self._raw.tell() + size > self._limit:
+    def read(self, size: int | None = -1) -> bytes:
+        room = self._limit - self._raw.tell()
+        # A declared length past the limit fails at once, without inflating anything; a
+        # read-to-end (deflated datasets) may take what is left of the allowance.
+        data = b"" if size is not None and size > room else self._raw.read(
+            room + 1 if size is None or size < 0 else size)
+        if (size is not None and size > room) or len(data) > room:
             raise HeaderError(
                 ErrorKind.TOO_LARGE,
-                f"header is larger than maxHeaderBytes={self._limit} (an element declares "
-                f"{size} bytes); raise the option if this file is legitimate",
+                f"header is larger than maxHeaderBytes={self._limit}; raise the option if this "
+                "file is legitimate",
             )
-        return self._raw.read(size)
+        return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._raw.seek(offset, whence)
@@ -264,25 +269,49 @@ class Header:
         return orjson.dumps(self.meta).decode()
 
 
-def _pixel_element_header(fp: IO[bytes], little: bool) -> tuple[str, int, int] | None:
-    """VR, value length and element-header length of the pixel data element at ``fp``.
+def _pixel_element_header(buf: bytes, pos: int, little: bool) -> tuple[str, int, int]:
+    """VR, value length and element-header length of the pixel data element at ``pos``.
 
     The encoding is read off the bytes rather than the transfer syntax: files in the wild
     declare explicit VR and are implicit (pydicom reads them with a warning).
     """
-    head = fp.read(12)
-    if len(head) < 8:
-        return None
     order = "<" if little else ">"
-    vr_bytes = head[4:6]
+    vr_bytes = buf[pos + 4:pos + 6]
     if not (vr_bytes.isalpha() and vr_bytes.isupper()):
-        return "OW", struct.unpack(f"{order}I", head[4:8])[0], 8
+        return "OW", struct.unpack_from(f"{order}I", buf, pos + 4)[0], 8
     vr = vr_bytes.decode("ascii")
     if vr in ("OB", "OW", "OF", "OD", "UN"):
-        if len(head) < 12:
-            return None
-        return vr, struct.unpack(f"{order}I", head[8:12])[0], 12
-    return vr, struct.unpack(f"{order}H", head[6:8])[0], 8
+        return vr, struct.unpack_from(f"{order}I", buf, pos + 8)[0], 12
+    return vr, struct.unpack_from(f"{order}H", buf, pos + 6)[0], 8
+
+
+def _with_pixel_data(meta: dict[str, Any], tsuid: str, uri: str, size: int | None,
+                     offset: int, pixel: tuple[str, int, int] | None) -> Header:
+    """The Header, with the pixel data as a bulk reference and truncation checked.
+
+    An image (Rows and Columns) without pixel data means the file was cut short; pixel data
+    declaring more bytes than the file has is caught here without reading a pixel.
+    """
+    if pixel is None:
+        if "00280010" in meta and "00280011" in meta:
+            raise HeaderError(ErrorKind.TRUNCATED,
+                              "image attributes (0028,0010) Rows and (0028,0011) Columns are "
+                              "present but there is no (7FE0,0010) PixelData: the file is "
+                              "truncated")
+        return Header(meta, tsuid or None, None, None)
+    vr, length, head_len = pixel
+    pixel_length = None
+    if length != 0xFFFFFFFF:
+        pixel_length = length
+        end = offset + head_len + length
+        if size is not None and end > size:
+            raise HeaderError(
+                ErrorKind.TRUNCATED,
+                f"(7FE0,0010) PixelData: declares {length} bytes but the file ends "
+                f"{end - size} bytes short (file truncated)",
+            )
+    meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={offset}"}
+    return Header(meta, tsuid or None, offset, pixel_length)
 
 
 def read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool,
@@ -345,35 +374,13 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
         # pydicom inflated the dataset into its own buffer: positions in ``fp`` mean nothing.
         return Header(meta, tsuid, None, None)
     offset = fp.tell()
-    pixel = _pixel_element_header(fp, little)
-    pixel_offset = pixel_length = None
-    if pixel is not None:
-        vr, length, header_len = pixel
-        pixel_offset = offset
-        if length != 0xFFFFFFFF:
-            pixel_length = length
-            end = offset + header_len + length
-            if size is not None and end > size:
-                raise HeaderError(
-                    ErrorKind.TRUNCATED,
-                    f"(7FE0,0010) PixelData: declares {length} bytes but the file ends "
-                    f"{end - size} bytes short (file truncated)",
-                )
-        meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={offset}"}
-    elif size is not None and _end_of_last_element(ds) not in (None, size):
+    head = fp.read(12)
+    pixel = _pixel_element_header(head, 0, little) if len(head) == 12 else None
+    if pixel is None and size is not None and _end_of_last_element(ds) not in (None, size):
         raise HeaderError(ErrorKind.TRUNCATED,
                           f"file ends inside a data element after byte "
                           f"{_end_of_last_element(ds)} of {size} (file truncated)")
-    elif "00280010" in meta and "00280011" in meta:
-        raise HeaderError(ErrorKind.TRUNCATED,
-                          "image attributes (0028,0010) Rows and (0028,0011) Columns are present "
-                          "but there is no (7FE0,0010) PixelData: the file is truncated")
-    return Header(
-        meta=meta,
-        transfer_syntax_uid=tsuid or None,
-        pixel_data_offset=pixel_offset,
-        pixel_data_length=pixel_length,
-    )
+    return _with_pixel_data(meta, tsuid, uri, size, offset, pixel)
 
 
 def _end_of_last_element(ds: Dataset) -> int | None:
@@ -567,36 +574,11 @@ def _parse_prefix(buf: bytes, complete: bool, uri: str, size: int | None) -> Hea
                                                 and buf[pos + 4:pos + 6].isupper())
     meta, pos, at_pixels = parser.dataset(pos, None if not complete else parser.n, implicit,
                                           list(_DEFAULT_ENCODINGS), top=True)
-    pixel_offset = pixel_length = None
+    pixel = None
     if at_pixels:
         parser.need(pos + 12)
-        vr, length, head_len = _pixel_element_header_at(buf, pos)
-        pixel_offset = pos
-        if length != _UNDEFINED:
-            pixel_length = length
-            end = pos + head_len + length
-            if size is not None and end > size:
-                raise HeaderError(
-                    ErrorKind.TRUNCATED,
-                    f"(7FE0,0010) PixelData: declares {length} bytes but the file ends "
-                    f"{end - size} bytes short (file truncated)",
-                )
-        meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={pos}"}
-    elif "00280010" in meta and "00280011" in meta:
-        raise HeaderError(ErrorKind.TRUNCATED,
-                          "image attributes (0028,0010) Rows and (0028,0011) Columns are present "
-                          "but there is no (7FE0,0010) PixelData: the file is truncated")
-    return Header(meta, tsuid or None, pixel_offset, pixel_length)
-
-
-def _pixel_element_header_at(buf: bytes, pos: int) -> tuple[str, int, int]:
-    vr_bytes = buf[pos + 4:pos + 6]
-    if not (vr_bytes.isalpha() and vr_bytes.isupper()):
-        return "OW", struct.unpack_from("<I", buf, pos + 4)[0], 8
-    vr = vr_bytes.decode("ascii")
-    if vr in ("OB", "OW", "OF", "OD", "UN"):
-        return vr, struct.unpack_from("<I", buf, pos + 8)[0], 12
-    return vr, struct.unpack_from("<H", buf, pos + 6)[0], 8
+        pixel = _pixel_element_header(buf, pos, True)
+    return _with_pixel_data(meta, tsuid, uri, size, pos, pixel)
 
 
 def _fast_header(fp: IO[bytes], uri: str, size: int | None, max_bytes: int) -> Header:
