@@ -137,3 +137,11 @@ class TestFastPath:
             read_header(io.BytesIO(data), uri="u", size=None, has_preamble=True,
                         max_header_bytes=1024)
         assert info.value.kind is ErrorKind.TOO_LARGE
+
+
+def test_deflated_dataset_is_read_through_pydicom():
+    """Deflated transfer syntax: the fast path steps aside; pydicom inflates and we encode."""
+    header = _read(shipped("image_dfl.dcm"))
+    assert header.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
+    assert header.meta["00280010"]["Value"]
+    assert header.pixel_data_offset is None  # offsets inside an inflated stream mean nothing
