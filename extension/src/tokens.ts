@@ -1,0 +1,119 @@
+import { Token } from '@lumino/coreutils';
+
+/** A column as the SQL endpoint describes it. */
+export interface IColumn {
+  name: string;
+  type: string;
+}
+
+/** A failed statement: what went wrong and, when known, where in the SQL. */
+export interface IStatementError {
+  message: string;
+  name: string;
+  type: string;
+  line: number | null;
+  column: number | null;
+}
+
+/** Connection status of the Jupyter user's mapped SQL identity. */
+export interface IStatus {
+  jupyterUser: string;
+  connected: boolean;
+  endpoint?: string;
+  sqlUser?: string;
+  serverVersion?: string;
+  canUpload?: boolean;
+  error?: string;
+}
+
+/** One level of the schema tree. */
+export interface ICatalogLevel {
+  sql: string;
+  kind: 'catalog' | 'schema' | 'table' | 'column';
+  items: { name: string; type: string | null }[];
+  error: IStatementError | null;
+}
+
+/** Tables (`schema.table`) and their columns, for completion. */
+export interface ICompletions {
+  sql: string;
+  tables: { [table: string]: string[] };
+  error: IStatementError | null;
+}
+
+/** A sidebar query and one page of its buffered rows. */
+export interface IQueryPage {
+  id: string;
+  sql: string;
+  state: string;
+  done: boolean;
+  trinoId: string | null;
+  columns: IColumn[];
+  offset: number;
+  rows: unknown[][];
+  totalRows: number;
+  truncated: boolean;
+  error: IStatementError | null;
+  elapsedSeconds: number;
+}
+
+/** A browser action's statement and its rows as records. */
+export interface IBrowseResult {
+  sql: string;
+  columns: IColumn[];
+  records: { [column: string]: any }[];
+  error: IStatementError | null;
+  truncated: boolean;
+}
+
+/** Filters of the dataset browser. */
+export interface IFilters {
+  modality?: string;
+  bodyPart?: string;
+  dateFrom?: string;
+  dateTo?: string;
+  text?: string;
+}
+
+/** An upload and the ingest that follows it. */
+export interface IUploadJob {
+  id: string;
+  state: 'RUNNING' | 'FINISHED' | 'FAILED';
+  folder: string;
+  files: string[];
+  command: string;
+  output: string[];
+  summary: { [key: string]: any } | null;
+  returncode: number | null;
+  elapsedSeconds: number;
+  check?: IBrowseResult;
+}
+
+/** The dicomlake server extension, as the front end's plugins use it. */
+export interface IDicomlakeClient {
+  status(): Promise<IStatus>;
+  catalog(path: string[]): Promise<ICatalogLevel>;
+  completions(): Promise<ICompletions>;
+  startQuery(sql: string): Promise<IQueryPage>;
+  fetchPage(id: string, offset: number, limit: number, wait: number): Promise<IQueryPage>;
+  cancelQuery(id: string): Promise<IQueryPage>;
+  browse(action: string, body: { [key: string]: unknown }): Promise<IBrowseResult>;
+  upload(files: File[]): Promise<IUploadJob>;
+  uploadStatus(id: string): Promise<IUploadJob>;
+}
+
+/** The client token: the sidebar, the browser and the notebook renderer share one client. */
+export const IDicomlakeClient = new Token<IDicomlakeClient>(
+  '@dicomlake/jupyterlab:IDicomlakeClient',
+  'Calls the dicomlake server extension (SQL endpoint via the Jupyter server).'
+);
+
+/** Opens the dataset browser in the main area; the sidebar uses it to link the two. */
+export interface IDatasetBrowserOpener {
+  open(filters?: IFilters): void;
+}
+
+export const IDatasetBrowserOpener = new Token<IDatasetBrowserOpener>(
+  '@dicomlake/jupyterlab:IDatasetBrowserOpener',
+  'Opens the dicomlake dataset browser as a main-area panel.'
+);
