@@ -13,8 +13,25 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[all,test]"
 	touch $@
 
-.PHONY: install demo test lint
-install: $(VENV)/.installed
+.PHONY: install demo test lint chromium
+install: $(VENV)/.installed $(VENV)/.labextension chromium
+
+# JupyterLab front end: built with npm; an editable install skips data files, so link it here
+$(VENV)/.labextension: $(VENV)/.installed package.json package-lock.json tsconfig.json \
+		$(wildcard extension/src/*.ts extension/style/* extension/schema/*)
+	test node_modules/.package-lock.json -nt package-lock.json || npm ci --no-audit --no-fund
+	npm run build:prod
+	mkdir -p $(VENV)/share/jupyter/labextensions/@dicomlake $(VENV)/etc/jupyter/jupyter_server_config.d
+	ln -sfn $(CURDIR)/extension/labextension $(VENV)/share/jupyter/labextensions/@dicomlake/jupyterlab
+	cp extension/jupyter-config/jupyter_server_config.d/dicomlake.json \
+		$(VENV)/etc/jupyter/jupyter_server_config.d/dicomlake.json
+	touch $@
+
+# Debian's Chromium for the browser tests (test tools' own browser downloads fail here)
+chromium:
+	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 demo: install
 	$(BIN)/dicomlake demo
