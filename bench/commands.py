@@ -69,4 +69,16 @@ def retrieval_cmd(bases: int, as_json: bool) -> None:
 
     emit(retrieval_bench.run(bases=bases), as_json)
 
+
+@bench.command("serve")
+@click.option("--queries", default=50, show_default=True, help="Metadata queries to time.")
+@click.option("--rows", default=1_000_000, show_default=True, help="Rows in the streamed result.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def serve_cmd(queries: int, rows: int, as_json: bool) -> None:
+    """Trino endpoint latency over direct Spark, and rows/s through the Python client."""
+    from dicomlake.bench import serve as serve_bench
+
+    emit(serve_bench.run(queries=queries, rows=rows), as_json)
+
+
 COMMANDS = [bench]

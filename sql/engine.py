@@ -37,6 +37,8 @@ _SPARK_ERRORS: dict[str, E.ErrorCode] = {
     "SCHEMA_NOT_FOUND": E.SCHEMA_NOT_FOUND,
     "PARSE_SYNTAX_ERROR": E.SYNTAX_ERROR,
     "DIVIDE_BY_ZERO": E.DIVISION_BY_ZERO,
+    "ARITHMETIC_OVERFLOW": E.NUMERIC_VALUE_OUT_OF_RANGE,
+    "NUMERIC_VALUE_OUT_OF_RANGE": E.NUMERIC_VALUE_OUT_OF_RANGE,
     "CAST_INVALID_INPUT": E.INVALID_CAST_ARGUMENT,
     "DATATYPE_MISMATCH": E.TYPE_MISMATCH,
     "TABLE_OR_VIEW_ALREADY_EXISTS": E.TABLE_ALREADY_EXISTS,
@@ -165,6 +167,16 @@ class SparkEngine:
     def output_columns(self, sql: str) -> list[tuple[str, T.DataType]]:
         """Columns a query would return (analysis only, no job)."""
         return [(f.name, f.dataType) for f in self.spark.sql(sql).schema.fields]
+
+    def job_statuses(self, group: str) -> list[str]:
+        """Statuses (RUNNING, SUCCEEDED, FAILED, ...) of the Spark jobs of a job group."""
+        tracker = self.spark.sparkContext.statusTracker()
+        statuses = []
+        for job_id in tracker.getJobIdsForGroup(group):
+            info = tracker.getJobInfo(job_id)
+            if info is not None:
+                statuses.append(str(info.status))
+        return statuses
 
     def cancel(self, group: str) -> None:
         """Cancel every job of a job group (safe if it has none)."""

@@ -10,6 +10,8 @@ see masked values.
   hex digits of a salted SHA-256: stable, so joins and ``count(DISTINCT patient_id)`` still
   work, but not reversible without the lake's salt (``<home>/sql/mask.salt``, mode 0600).
 * Birth dates keep only the year (HIPAA Safe Harbor keeps years).
+* File paths (``path``, ``member``, ``source``, ``archive``) are pseudonymised too, because
+  archives name folders after patients; error messages (which quote paths) are removed.
 * Inside ``meta`` (DICOM JSON) the same tags are masked, recursively through sequences, and
   private tags (odd groups) lose their values: vendors put names there too.
 """
@@ -68,7 +70,12 @@ def _identifying_columns() -> dict[str, str]:
             if f"{tag:08X}" in IDENTIFYING_TAGS}
 
 
-IDENTIFYING_COLUMNS: dict[str, str] = _identifying_columns()
+FILE_COLUMNS: dict[str, str] = {"path": "hash", "member": "hash", "source": "hash",
+                                "archive": "hash", "error": "drop"}
+"""File names and messages that quote them: exports name folders after patients
+(``PAT0300000/STUDY01/...``), so analysts see pseudonyms (joins on ``path`` still work)."""
+
+IDENTIFYING_COLUMNS: dict[str, str] = {**_identifying_columns(), **FILE_COLUMNS}
 """Column name -> mask kind, for any table of the lake that has such a column."""
 
 

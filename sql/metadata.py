@@ -128,6 +128,16 @@ def masked_view_name(schema: str, table: str) -> str:
     return f"__dl_masked__{schema}__{table}"
 
 
+def _sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _jdbc_type(type_name: str) -> int:
     base = type_name.split("(", 1)[0].strip()
     if base.startswith("timestamp"):
@@ -300,24 +310,27 @@ class LakeCatalog:
         return name
 
     def _build_metadata_view(self, kind: str, name: str) -> None:
-        import pyarrow as pa
-
-        types = {"string": pa.string(), "bigint": pa.int64(), "boolean": pa.bool_()}
+        # SQL VALUES rather than createDataFrame: no Python-side type conversion machinery
+        # (which imports optional packages) and no job; the rows are few.
         fields = [part.strip().split() for part in VIEW_COLUMNS[kind].split(",")]
-        arrow_schema = pa.schema([(n, types[t]) for n, t in fields]
-                                 + [(ADMIN_ONLY_COLUMN, pa.bool_())])
+        fields.append([ADMIN_ONLY_COLUMN, "boolean"])
         tables = sorted(self._tables.values(), key=lambda t: (t.schema, t.name))
         rows = [(*row, False) for row in self._rows_for(
             kind, [s for s in self._schemas if s not in ADMIN_ONLY_SCHEMAS],
             [t for t in tables if t.schema not in ADMIN_ONLY_SCHEMAS])]
-        everything = self._rows_for(kind, self._schemas, tables)
         seen = {row[:-1] for row in rows}
-        rows += [(*row, True) for row in everything if tuple(row) not in seen]
-        columns = list(zip(*rows, strict=True)) if rows else [[] for _ in arrow_schema]
-        data = pa.table([pa.array(list(col), type=f.type)
-                         for col, f in zip(columns, arrow_schema, strict=True)],
-                        schema=arrow_schema)
-        self.spark.createDataFrame(data).createOrReplaceTempView(name)
+        rows += [(*row, True) for row in self._rows_for(kind, self._schemas, tables)
+                 if tuple(row) not in seen]
+        casts = ", ".join(f"CAST(c{i} AS {t.upper()}) AS `{n}`" for i, (n, t) in enumerate(fields))
+        if rows:
+            values = ", ".join("(" + ", ".join(_sql_literal(v) for v in row) + ")"
+                               for row in rows)
+            aliases = ", ".join(f"c{i}" for i in range(len(fields)))
+            body = f"SELECT {casts} FROM VALUES {values} AS t({aliases})"
+        else:
+            nulls = ", ".join(f"NULL AS c{i}" for i in range(len(fields)))
+            body = f"SELECT {casts} FROM (SELECT {nulls}) WHERE false"
+        self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{name}` AS {body}")
 
     def _rows_for(self, kind: str, schemas: list[str],
                   tables: list[TableInfo]) -> list[tuple[Any, ...]]:

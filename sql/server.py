@@ -292,7 +292,8 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
                "self": f"{self._base_url()}/v1/query/{query.id}",
                "failureInfo": query.error.to_json() if query.error else None,
                "queryStats": {"elapsedTime": f"{query.elapsed_seconds():.3f}s",
-                              "processedRows": query.rows}}
+                              "processedRows": query.rows},
+               "sparkJobs": self.server.app.manager.engine.job_statuses(query.job_group)}
         self._send(200, json.dumps(doc).encode())
 
 

@@ -116,11 +116,21 @@ def _position(sql: str, node: exp.Expression | None) -> tuple[int | None, int | 
     ident = node if isinstance(node, exp.Identifier) else node.find(exp.Identifier)
     meta = getattr(ident, "meta", None) or {}
     start = meta.get("start")
+    if start is None and isinstance(node, exp.Func):  # function names carry no position
+        name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
+        found = re.search(rf"\b{re.escape(name)}\s*\(", sql, re.IGNORECASE)
+        start = found.start() if found else None
     if start is None:
         return None, None
     line = sql.count("\n", 0, start) + 1
     column = start - (sql.rfind("\n", 0, start) + 1) + 1
     return line, column
+
+
+def _first_position(sql: str, parts: list[exp.Expression]) -> tuple[int | None, int | None]:
+    """Position of the earliest of several identifiers (a qualified name's start)."""
+    found = [p for p in (_position(sql, part) for part in parts) if p[0] is not None]
+    return min(found, default=(None, None))  # type: ignore[type-var]
 
 
 def locate_name(sql: str, name: str) -> tuple[int | None, int | None]:
@@ -443,7 +453,8 @@ class Translator:
         for node in list(tree.find_all(exp.CurrentUser)):
             node.replace(exp.Literal.string(principal.name))
         try:
-            plan.spark_sql = tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
+            plan.spark_sql = tree.sql(dialect="spark", identify=True,
+                                      unsupported_level=ErrorLevel.RAISE)
         except SqlglotError as exc:
             raise QueryError(E.NOT_SUPPORTED,
                              f"this statement cannot be translated to Spark SQL: {exc}"
@@ -487,11 +498,12 @@ class Translator:
             name = table.name.lower() if not table.this.args.get("quoted") else table.name
             if not table.args.get("db") and name in ctes:
                 continue
-            line, col = _position(text, table)
+            line, col = _first_position(text, table.parts)
             try:
                 catalog = self._catalog_of(table.catalog or None, session)
             except QueryError as exc:
-                raise QueryError(exc.code, exc.message, line=line, column=col) from None
+                at = _position(text, table.args.get("catalog"))
+                raise QueryError(exc.code, exc.message, line=at[0], column=at[1]) from None
             schema = table.db.lower() if table.db else session.schema
             if not schema:
                 raise QueryError(E.MISSING_SCHEMA_NAME,

@@ -1,0 +1,117 @@
+"""SQL endpoint benchmark: what the Trino protocol layer costs over Spark itself.
+
+One process builds a small lake, starts the SQL service on loopback over its Spark session,
+and measures the same small metadata query (``SHOW TABLES FROM dicom``) two ways: through the
+endpoint with the real ``trino`` Python client (in a separate process, so client and server
+do not share a GIL), and directly on the same Spark session with the Spark SQL the
+translator produced. ``overhead_ms`` is the p50 difference. ``rows_per_second`` streams a
+1M-row result through the Python client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METADATA_QUERY = "SHOW TABLES FROM dicom"
+STREAM_QUERY = "SELECT id, id * 2 AS twice, CAST(id AS VARCHAR) AS s FROM range({rows})"
+_PASSWORD = "bench password"
+
+_CLIENT = r"""
+import json, sys, time, trino
+from trino.auth import BasicAuthentication
+port, queries, password, metadata_sql, stream_sql = sys.argv[1:6]
+conn = trino.dbapi.connect(host="127.0.0.1", port=int(port), user="bench", http_scheme="http",
+                           auth=BasicAuthentication("bench", password), allow_insecure_auth=True,
+                           catalog="dicomlake", schema="dicom")
+cur = conn.cursor()
+for _ in range(3):
+    cur.execute(metadata_sql); cur.fetchall()
+times = []
+for _ in range(int(queries)):
+    t = time.perf_counter(); cur.execute(metadata_sql); cur.fetchall()
+    times.append((time.perf_counter() - t) * 1000)
+t = time.perf_counter(); cur.execute(stream_sql); n = 0
+while True:
+    rows = cur.fetchmany(10000)
+    if not rows:
+        break
+    n += len(rows)
+print(json.dumps({"times": times, "rows": n, "seconds": time.perf_counter() - t}))
+"""
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(*, queries: int = 50, rows: int = 1_000_000) -> dict[str, object]:
+    """Run the benchmark and return its result object."""
+    from dicomlake.catalog.ingest import ingest
+    from dicomlake.catalog.sample import Profile, make_sample
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.config import Settings, SparkSettings, load_settings
+    from dicomlake.session import build_session
+    from dicomlake.sql.query import Limits
+    from dicomlake.sql.server import ServerConfig, SqlServer
+    from dicomlake.sql.session import ClientSession
+    from dicomlake.sql.users import Principal, Role, UserStore
+
+    base = load_settings()
+    with tempfile.TemporaryDirectory(prefix="dicomlake-bench-serve-") as tmp:
+        home = Path(tmp)
+        settings = Settings(home=home, spark=SparkSettings(
+            master=base.spark.master, driver_memory=base.spark.driver_memory,
+            conf=base.spark.conf))
+        spark = build_session(settings, app_name="dicomlake-bench-serve")
+        try:
+            archives = make_sample(home / "samples", archives=2, files=10, seed=1,
+                                   profile=Profile.CTMR, workers=1)
+            ingest(spark, Warehouse(settings.warehouse_path), [str(p) for p in archives])
+            UserStore(home).add("bench", _PASSWORD, Role.ADMIN)
+            server = SqlServer(settings, ServerConfig(port=0, limits=Limits(
+                max_rows=rows + 1, max_concurrent=2)), spark).start().serve_in_thread()
+            try:
+                port = server.url.rsplit(":", 1)[1]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+                out = subprocess.run(
+                    [sys.executable, "-c", _CLIENT, port, str(queries), _PASSWORD,
+                     METADATA_QUERY, STREAM_QUERY.format(rows=rows)],
+                    check=True, capture_output=True, text=True, env=env).stdout
+                client = json.loads(out.strip().splitlines()[-1])
+                plan = server.manager.translator.plan(
+                    METADATA_QUERY, ClientSession(catalog="dicomlake", schema="dicom"),
+                    Principal("bench", Role.ADMIN))
+                direct_sql = plan.spark_sql
+                assert direct_sql is not None
+                for _ in range(3):
+                    spark.sql(direct_sql).collect()
+                direct = []
+                for _ in range(queries):
+                    started = time.perf_counter()
+                    spark.sql(direct_sql).collect()
+                    direct.append((time.perf_counter() - started) * 1000)
+            finally:
+                server.shutdown(stop_spark=False)
+        finally:
+            spark.stop()
+    times = client["times"]
+    p50, direct_p50 = statistics.median(times), statistics.median(direct)
+    return {
+        "queries": queries,
+        "query": METADATA_QUERY,
+        "p50_ms": round(p50, 2),
+        "p95_ms": round(_percentile(times, 0.95), 2),
+        "direct_p50_ms": round(direct_p50, 2),
+        "overhead_ms": round(p50 - direct_p50, 2),
+        "stream_rows": client["rows"],
+        "stream_seconds": round(client["seconds"], 3),
+        "rows_per_second": round(client["rows"] / client["seconds"]),
+    }

@@ -1,0 +1,315 @@
+"""SQL service logic that needs no server: types, values, masking, users, translation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+from pyspark.sql import types as T
+
+from dicomlake.sql import errors as E
+from dicomlake.sql.errors import AuthenticationError, QueryError, UserStoreError
+from dicomlake.sql.masking import (
+    IDENTIFYING_COLUMNS,
+    mask_meta,
+    mask_text,
+    masked_view_sql,
+    needs_mask,
+)
+from dicomlake.sql.query import encode_batch
+from dicomlake.sql.server import ServerConfig
+from dicomlake.sql.session import ClientSession, SessionChanges
+from dicomlake.sql.translate import Translator
+from dicomlake.sql.types import column_converter, trino_type
+from dicomlake.sql.users import Authenticator, Principal, Role, UserStore, parse_role
+
+# ---- type signatures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spark_type", "name", "raw", "args"), [
+    (T.StringType(), "varchar", "varchar", [{"kind": "LONG", "value": 2147483647}]),
+    (T.VarcharType(10), "varchar(10)", "varchar", [{"kind": "LONG", "value": 10}]),
+    (T.CharType(3), "char(3)", "char", [{"kind": "LONG", "value": 3}]),
+    (T.DecimalType(12, 3), "decimal(12,3)", "decimal",
+     [{"kind": "LONG", "value": 12}, {"kind": "LONG", "value": 3}]),
+    (T.TimestampType(), "timestamp(6) with time zone", "timestamp with time zone",
+     [{"kind": "LONG", "value": 6}]),
+    (T.TimestampNTZType(), "timestamp(6)", "timestamp", [{"kind": "LONG", "value": 6}]),
+    (T.LongType(), "bigint", "bigint", []),
+    (T.IntegerType(), "integer", "integer", []),
+    (T.ShortType(), "smallint", "smallint", []),
+    (T.ByteType(), "tinyint", "tinyint", []),
+    (T.FloatType(), "real", "real", []),
+    (T.DoubleType(), "double", "double", []),
+    (T.BooleanType(), "boolean", "boolean", []),
+    (T.BinaryType(), "varbinary", "varbinary", []),
+    (T.DateType(), "date", "date", []),
+    (T.NullType(), "unknown", "unknown", []),
+])
+def test_scalar_type_signatures(spark_type, name, raw, args):
+    assert trino_type(spark_type) == (name, {"rawType": raw, "arguments": args})
+
+
+def test_nested_type_signatures_are_complete():
+    struct = T.StructType([T.StructField("x", T.LongType()),
+                           T.StructField("tags", T.ArrayType(T.StringType()))])
+    name, sig = trino_type(T.MapType(T.StringType(), struct))
+    assert name == "map(varchar, row(x bigint, tags array(varchar)))"
+    key, value = sig["arguments"]
+    assert key["value"]["arguments"][0]["value"] == 2147483647  # client indexes this
+    row = value["value"]
+    assert row["rawType"] == "row"
+    assert row["arguments"][0] == {"kind": "NAMED_TYPE", "value": {
+        "fieldName": {"name": "x"}, "typeSignature": {"rawType": "bigint", "arguments": []}}}
+    tags = row["arguments"][1]["value"]["typeSignature"]
+    assert tags["rawType"] == "array"
+    assert tags["arguments"][0]["value"]["rawType"] == "varchar"
+
+
+def test_trino_client_decodes_our_values():
+    """What we encode, the real trino client's row mapper turns into the right Python values."""
+    from trino.mapper import RowMapperFactory
+
+    columns_spark = [
+        ("d", T.DecimalType(10, 2)), ("day", T.DateType()), ("ts", T.TimestampType()),
+        ("f", T.DoubleType()), ("b", T.BinaryType()),
+        ("m", T.MapType(T.StringType(), T.LongType())),
+        ("r", T.StructType([T.StructField("a", T.LongType()), T.StructField("s", T.StringType())])),
+        ("xs", T.ArrayType(T.DoubleType())),
+    ]
+    batch = pa.RecordBatch.from_pydict({
+        "d": pa.array([Decimal("1.50"), None], pa.decimal128(10, 2)),
+        "day": pa.array([dt.date(2020, 1, 2), None]),
+        "ts": pa.array([dt.datetime(2020, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC), None],
+                       pa.timestamp("us", tz="UTC")),
+        "f": pa.array([float("nan"), float("inf")]),
+        "b": pa.array([b"\x00\xff", None]),
+        "m": pa.array([[("k", 1)], None], pa.map_(pa.string(), pa.int64())),
+        "r": pa.array([{"a": 1, "s": "x"}, None],
+                      pa.struct([("a", pa.int64()), ("s", pa.string())])),
+        "xs": pa.array([[0.5, None], []], pa.list_(pa.float64())),
+    })
+    converters = [column_converter(f.type) for f in batch.schema]
+    rows = json.loads(b"[" + encode_batch(batch, converters) + b"]")
+    columns = [{"name": n, "typeSignature": trino_type(t)[1]} for n, t in columns_spark]
+    mapped = RowMapperFactory().create(columns, legacy_primitive_types=False).map(rows)
+    first, second = mapped
+    assert first[0] == Decimal("1.50")
+    assert first[1] == dt.date(2020, 1, 2)
+    assert first[2].replace(tzinfo=None) == dt.datetime(2020, 1, 2, 3, 4, 5, 123456)
+    assert first[2].utcoffset() == dt.timedelta(0)
+    assert first[3] != first[3] and second[3] == float("inf")
+    assert first[4] == b"\x00\xff"
+    assert first[5] == {"k": 1}
+    assert tuple(first[6]) == (1, "x") and first[6].a == 1
+    assert first[7] == [0.5, None] and second[7] == []
+    assert second[:3] == [None, None, None] and second[4:7] == [None, None, None]
+
+
+# ---- masking -----------------------------------------------------------------------------
+
+SALT = "test-salt"
+
+
+def test_identifying_columns_cover_patient_name_and_id():
+    assert IDENTIFYING_COLUMNS["patient_name"] == "hash"
+    assert IDENTIFYING_COLUMNS["patient_id"] == "hash"
+    assert IDENTIFYING_COLUMNS["patient_birth_date"] == "year"
+    assert IDENTIFYING_COLUMNS["path"] == "hash"  # archives name folders after patients
+    assert needs_mask(["meta"]) and not needs_mask(["modality", "rows"])
+
+
+def test_mask_meta_hides_identifiers_everywhere():
+    meta = {
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+        "00100020": {"vr": "LO", "Value": ["MRN12345"]},
+        "00100030": {"vr": "DA", "Value": ["19700315"]},
+        "00101040": {"vr": "LO", "Value": ["1 Main St"]},
+        "00080060": {"vr": "CS", "Value": ["CT"]},
+        "00091001": {"vr": "LO", "Value": ["Doe^Jane in a private tag"]},
+        "00081110": {"vr": "SQ", "Value": [
+            {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}}]},
+    }
+    masked_text = mask_meta(json.dumps(meta), SALT)
+    assert masked_text is not None
+    assert "Doe" not in masked_text and "MRN12345" not in masked_text
+    assert "Main St" not in masked_text and "0315" not in masked_text
+    masked = json.loads(masked_text)
+    assert masked["00080060"] == meta["00080060"]
+    assert masked["00100010"]["Value"][0]["Alphabetic"] == mask_text("Doe^Jane", SALT)
+    assert masked["00100020"]["Value"] == [mask_text("MRN12345", SALT)]
+    assert masked["00100030"]["Value"] == ["19700101"]
+    assert "Value" not in masked["00101040"] and "Value" not in masked["00091001"]
+    nested = masked["00081110"]["Value"][0]["00100010"]["Value"][0]["Alphabetic"]
+    assert nested == mask_text("Doe^Jane", SALT)
+    assert mask_meta("not json", SALT) is None and mask_meta(None, SALT) is None
+
+
+def test_mask_is_stable_salted_and_matches_sql():
+    assert mask_text("PAT1", SALT) == mask_text("PAT1", SALT)
+    assert mask_text("PAT1", SALT) != mask_text("PAT1", "other salt")
+    sql = masked_view_sql("dicom", "instances", ["path", "patient_id", "meta"], SALT)
+    assert "sha2(concat('test-salt', CAST(`patient_id` AS STRING)), 256)" in sql
+    assert "dicomlake_mask_meta(`meta`) AS `meta`" in sql and "`path`" in sql
+
+
+# ---- users -------------------------------------------------------------------------------
+
+
+def test_user_store_round_trip_and_errors(tmp_path):
+    store = UserStore(tmp_path)
+    store.add("alice", "correct horse", Role.ANALYST)
+    assert [(u.name, u.role) for u in store.list()] == [("alice", Role.ANALYST)]
+    raw = store.path.read_text()
+    assert "correct horse" not in raw and "$argon2id$" in raw
+    assert (store.path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(UserStoreError, match="already exists"):
+        store.add("alice", "another pass", Role.ADMIN)
+    with pytest.raises(UserStoreError, match="too short"):
+        store.add("bob", "short", Role.ADMIN)
+    with pytest.raises(UserStoreError, match="not allowed"):
+        store.add("bad name!", "long enough", Role.ADMIN)
+    with pytest.raises(UserStoreError, match="one of: admin, clinician, analyst"):
+        parse_role("superuser")
+    with pytest.raises(UserStoreError, match="does not exist"):
+        store.remove("nobody")
+
+
+def test_authenticator_checks_hashes_and_sees_password_changes(tmp_path):
+    store = UserStore(tmp_path)
+    store.add("alice", "first password", Role.CLINICIAN)
+    auth = Authenticator(store)
+    assert auth.authenticate("alice", "first password") == Principal("alice", Role.CLINICIAN)
+    with pytest.raises(AuthenticationError):
+        auth.authenticate("alice", "wrong password")
+    with pytest.raises(AuthenticationError):
+        auth.authenticate("mallory", "first password")
+    store.set_password("alice", "second password")
+    with pytest.raises(AuthenticationError):
+        auth.authenticate("alice", "first password")  # the cache must not outlive the change
+    assert auth.authenticate("alice", "second password").role is Role.CLINICIAN
+    store.remove("alice")
+    with pytest.raises(AuthenticationError):
+        auth.authenticate("alice", "second password")
+
+
+def test_user_cli(tmp_path, monkeypatch):
+    from dicomlake.cli import main
+
+    monkeypatch.setenv("DICOMLAKE_HOME", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(main, ["user", "add", "carol", "--role", "clinician",
+                                  "--password-stdin"], input="a fine password\n")
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(main, ["user", "list"])
+    assert "carol" in listed.output and "clinician" in listed.output
+    again = runner.invoke(main, ["user", "add", "carol", "--password-stdin"],
+                          input="a fine password\n")
+    assert again.exit_code != 0 and "already exists" in again.output
+    changed = runner.invoke(main, ["user", "passwd", "carol", "--password-stdin"],
+                            input="another password\n")
+    assert changed.exit_code == 0
+    assert Authenticator(UserStore(tmp_path)).authenticate("carol", "another password")
+    assert runner.invoke(main, ["user", "remove", "carol"]).exit_code == 0
+    assert "no users" in runner.invoke(main, ["user", "list"]).output
+
+
+# ---- server config, session headers ------------------------------------------------------
+
+
+def test_plain_http_only_on_loopback(tmp_path):
+    assert ServerConfig(host="127.0.0.1").scheme == "http"
+    with pytest.raises(ValueError, match="refuses plain HTTP"):
+        ServerConfig(host="0.0.0.0")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    assert ServerConfig(host="0.0.0.0", tls_cert=cert, tls_key=key).scheme == "https"
+    with pytest.raises(ValueError, match="both"):
+        ServerConfig(tls_cert=cert)
+
+
+def test_session_headers_parse_and_reply():
+    session = ClientSession.from_headers({
+        "X-Trino-User": "u", "X-Trino-Catalog": "dicomlake", "X-Trino-Schema": "dicom",
+        "X-Trino-Session": "query_max_run_time=10s",
+        "X-Trino-Prepared-Statement": "st1=SELECT+%3F%2C+1"})
+    assert session.schema == "dicom" and session.properties == {"query_max_run_time": "10s"}
+    assert session.prepared == {"st1": "SELECT ?, 1"}
+    with pytest.raises(QueryError):
+        ClientSession.from_headers({"X-Trino-Session": "no-equals-sign"})
+    headers = dict(SessionChanges(set_schema="dicom",
+                                  added_prepare={"st2": "SELECT 1, 2"}).headers())
+    assert headers == {"X-Trino-Set-Schema": "dicom", "X-Trino-Added-Prepare": "st2=SELECT+1%2C+2"}
+
+
+# ---- translation (statements that need no catalog) ---------------------------------------
+
+ADMIN, ANALYST = Principal("root", Role.ADMIN), Principal("ana", Role.ANALYST)
+
+
+@pytest.fixture
+def translator():
+    return Translator(None, server_version="476-test", max_timeout_seconds=60)  # type: ignore[arg-type]
+
+
+def test_trino_functions_become_spark_functions(translator):
+    plan = translator.plan("SELECT approx_distinct(x), cardinality(ARRAY[x]), "
+                           "regexp_like('ab', 'a'), json_extract_scalar('{\"a\":1}', '$.a') "
+                           "FROM (VALUES (1)) AS t(x)", ClientSession(), ANALYST)
+    sql = plan.spark_sql.upper()
+    assert "APPROX_COUNT_DISTINCT" in sql and "SIZE(" in sql and "GET_JSON_OBJECT" in sql
+    assert plan.is_query
+
+
+def test_version_and_current_user_are_answered_by_the_service(translator):
+    plan = translator.plan("SELECT version(), current_user", ClientSession(), ANALYST)
+    assert "'476-test'" in plan.spark_sql and "'ana'" in plan.spark_sql
+
+
+def test_syntax_error_points_at_the_client_text(translator):
+    with pytest.raises(QueryError) as info:
+        translator.plan("SELECT 1\nFROM", ClientSession(), ADMIN)
+    assert info.value.code is E.SYNTAX_ERROR
+    assert info.value.line == 2 and info.value.message.startswith("line 2:")
+
+
+def test_analyst_cannot_write_or_call_jvm_functions(translator):
+    for statement in ("CREATE TABLE t (a int)", "DROP TABLE dicom.instances",
+                      "INSERT INTO t VALUES (1)", "DELETE FROM t", "SET spark.x = 1"):
+        with pytest.raises(QueryError) as info:
+            translator.plan(statement, ClientSession(schema="dicom"), ANALYST)
+        assert info.value.code is E.PERMISSION_DENIED, statement
+        assert "read-only" in info.value.message
+    with pytest.raises(QueryError) as info:
+        translator.plan("SELECT reflect('java.lang.System', 'exit', 0)", ClientSession(), ANALYST)
+    assert info.value.code is E.PERMISSION_DENIED and info.value.column == 8
+
+
+def test_session_statements(translator):
+    session = ClientSession(prepared={"st": "SELECT ? + 1"})
+    plan = translator.plan("SET SESSION query_max_run_time = '5s'", session, ANALYST)
+    assert plan.changes.set_session == {"query_max_run_time": "5s"}
+    with pytest.raises(QueryError) as info:
+        translator.plan("SET SESSION nope = 1", session, ANALYST)
+    assert info.value.code is E.INVALID_SESSION_PROPERTY
+    assert translator.plan("PREPARE q1 FROM SELECT 1", session, ANALYST).changes.added_prepare \
+        == {"q1": "SELECT 1"}
+    executed = translator.plan("EXECUTE st USING 41", session, ANALYST)
+    assert executed.spark_sql == "SELECT 41 + 1"
+    immediate = translator.plan("EXECUTE IMMEDIATE 'SELECT ?, ?' USING 'it''s', DATE '2020-01-02'",
+                                session, ANALYST)
+    assert immediate.spark_sql == "SELECT 'it\\'s', CAST('2020-01-02' AS DATE)"
+    with pytest.raises(QueryError) as info:
+        translator.plan("EXECUTE st USING 1, 2", session, ANALYST)
+    assert info.value.code is E.INVALID_PARAMETER_USAGE
+    with pytest.raises(QueryError) as info:
+        translator.plan("EXECUTE missing", session, ANALYST)
+    assert info.value.code is E.NOT_FOUND
+    assert translator.plan("DEALLOCATE PREPARE st", session, ANALYST).changes \
+        .deallocated_prepare == ["st"]
+    limited = ClientSession(properties={"query_max_run_time": "10m"})
+    assert translator.timeout_for(limited, ANALYST) == 60  # never above the server limit
+    assert translator.timeout_for(limited, ADMIN) == 600
