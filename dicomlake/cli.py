@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "dicomlake.catalog.commands",
     "dicomlake.bench.commands",
     "dicomlake.udfs.commands",
+    "dicomlake.sql.commands",
     "dicomlake.extension.commands",
 )
 """Modules exposing ``COMMANDS``: a list of click commands/groups added to ``dicomlake``."""
