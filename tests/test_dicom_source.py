@@ -154,6 +154,21 @@ class TestBadInput:
         assert all(f"member {m}" in r["_corrupt_record"]
                    for m, r in rows.items() if r["_error_kind"])
 
+    def test_corrupt_compressed_header(self, spark, tmp_path):
+        """Garbage where the member's header is compressed: an error row, not a crash."""
+        archive = write_zip(tmp_path / "c.zip", {"IM1.dcm": shipped("693_UNCI.dcm"),
+                                                 "IM2.dcm": shipped("693_UNCI.dcm")})
+        data = bytearray(archive.read_bytes())
+        info = zipfile.ZipFile(archive).getinfo("IM1.dcm")
+        start = info.header_offset + 30 + len("IM1.dcm")
+        data[start + 10:start + 400] = os.urandom(390)
+        archive.write_bytes(bytes(data))
+        rows = {r["member"]: r for r in _rows(spark, archive)}
+        assert rows["IM2.dcm"]["_corrupt_record"] is None
+        bad = rows["IM1.dcm"]
+        assert bad["_error_kind"] in ("bad_archive", "bad_header", "not_dicom", "truncated")
+        assert f"archive {archive} member IM1.dcm" in bad["_corrupt_record"]
+
     def test_declared_size_limit(self, spark, bad_dir):
         rows = {r["member"]: r for r in _rows(spark, bad_dir / "members.zip",
                                               maxMemberBytes=1 << 20)}
