@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import StructType
 
+from dicomlake.catalog.columns import TABLE_COLUMN
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import DataFrame
 
-TABLE_COLUMN = "_dicomlake_table"
-"""Routing column: which target table a row belongs to when one job writes several tables."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dicomlake.catalog.delta import TABLE_COLUMN
+from dicomlake.catalog.columns import TABLE_COLUMN
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -48,6 +48,22 @@ def _thumbnail(image: np.ndarray, size: int = 128) -> bytes:
     return buf.getvalue()
 
 
+def frame_inputs(data: bytes, path: str) -> list[tuple[np.ndarray, bytes]]:
+    """(model input, PNG thumbnail) per frame of one instance; raises :class:`PixelError`.
+
+    The batch UDF and the streaming job both call this, so an uploaded image is embedded
+    exactly like an ingested one.
+    """
+    from dicomlake.udfs.pixels import load_frames, resize, to_uint8
+
+    frames = load_frames(data, path)
+    out = []
+    for raw in frames.data:
+        img = to_uint8(raw, frames)
+        out.append((resize(img), _thumbnail(img)))
+    return out
+
+
 def embed_batches(home: str, batch_size: int = 32
                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """A ``mapInArrow`` function: (sop_instance_uid, path) rows -> embedding/error rows."""
@@ -57,7 +73,7 @@ def embed_batches(home: str, batch_size: int = 32
 
         from dicomlake.udfs import model as model_mod
         from dicomlake.udfs.errors import PixelError
-        from dicomlake.udfs.pixels import load_frames, read_bytes, resize, to_uint8
+        from dicomlake.udfs.pixels import read_bytes
 
         threads = int(os.environ.get(ONNX_THREADS_ENV, "1"))
         embedder = model_mod.get_embedder(home, threads)
@@ -99,10 +115,8 @@ def embed_batches(home: str, batch_size: int = 32
             paths = batch.column("path").to_pylist()
             for uid, path in zip(uids, paths, strict=True):
                 try:
-                    frames = load_frames(read_bytes(path), path)
-                    for i, raw in enumerate(frames.data):
-                        img = to_uint8(raw, frames)
-                        pending.append((uid, i, path, resize(img), _thumbnail(img)))
+                    for i, (image, thumb) in enumerate(frame_inputs(read_bytes(path), path)):
+                        pending.append((uid, i, path, image, thumb))
                 except PixelError as exc:
                     errors.append((uid, path, exc.kind.value, str(exc)))
                 if len(pending) >= batch_size:
