@@ -4,6 +4,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+FLINK_VENV := .venv-flink
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -14,7 +15,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 .PHONY: install demo test lint chromium
-install: $(VENV)/.installed $(VENV)/.labextension chromium
+install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed chromium
+
+# The streaming job's own interpreter: apache-flink pins pyarrow<17 (through apache-beam),
+# which pyspark 4.3 refuses, so Flink never shares .venv (streaming/flink-requirements.txt)
+$(FLINK_VENV)/.installed: streaming/flink-requirements.txt pyproject.toml
+	test -x $(FLINK_VENV)/bin/python || $(PYTHON) -m venv $(FLINK_VENV) || python3 -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(FLINK_VENV)/bin/pip install --quiet -r streaming/flink-requirements.txt
+	$(FLINK_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
 
 # JupyterLab front end: built with npm; an editable install skips data files, so link it here
 $(VENV)/.labextension: $(VENV)/.installed package.json package-lock.json tsconfig.json \
