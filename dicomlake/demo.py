@@ -1,7 +1,8 @@
 """``dicomlake demo``: the README's one command for a first look on embedded defaults.
 
 Makes sample archives (once), ingests them (a re-run skips unchanged archives), prints the
-tables and a few queries, then opens the SQL shell when run from a terminal.
+tables and a few queries. From a terminal it then embeds the images and starts the SQL service
+and JupyterLab with the dicomlake sidebar and dataset browser (``--no-lab``: the SQL shell).
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ DEMO_QUERIES = (
 @click.option("--archives", default=8, show_default=True)
 @click.option("--files", default=50, show_default=True, help="DICOM files per archive.")
 @click.option("--no-shell", is_flag=True, help="Do not open the SQL shell at the end.")
-def demo(archives: int, files: int, no_shell: bool) -> None:
-    """Sample archives -> ingest -> tables -> SQL shell, all on embedded defaults."""
+@click.option("--lab/--no-lab", default=True, show_default=True,
+              help="From a terminal, end by embedding the images and starting the SQL service "
+                   "and JupyterLab with the dicomlake sidebar (`dicomlake lab`); --no-lab opens "
+                   "the SQL shell instead.")
+def demo(archives: int, files: int, no_shell: bool, lab: bool) -> None:
+    """Sample archives -> ingest -> tables -> JupyterLab (or SQL shell), on embedded defaults."""
     settings = load_settings()
     samples = settings.home / "samples" / f"demo-{archives}x{files}"
     if len(list(samples.glob("*.zip"))) != archives:
@@ -43,6 +48,12 @@ def demo(archives: int, files: int, no_shell: bool) -> None:
     for query in DEMO_QUERIES:
         click.echo(f"\n{query}")
         click.echo(run_sql(spark, query, limit=10))
+    if lab and sys.stdin.isatty():
+        from dicomlake.extension.lab import embed_new_images, run_lab
+
+        embed_new_images(spark, settings)
+        spark.stop()  # the SQL service starts its own session on the same lake
+        sys.exit(run_lab(settings))
     if not no_shell and sys.stdin.isatty():
         sql_shell(spark)
 

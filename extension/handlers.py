@@ -109,7 +109,7 @@ class StatusHandler(BaseHandler):
         try:
             connection = self.state.identities.connection_for(self.jupyter_user)
         except IdentityError as exc:
-            doc.update(endpoint=self.state.identities.endpoint, error=str(exc))
+            doc["error"] = str(exc)
             self.reply(doc)
             return
         client = SqlClient(connection, request_timeout=30.0)

@@ -150,7 +150,9 @@ def run_lab(settings: Settings, *, sql_port: int = 8080, lab_port: int = 8888,
         lab = subprocess.Popen(
             [str(exe / "jupyter"), "lab", f"--ServerApp.root_dir={notebooks}",
              f"--ServerApp.port={lab_port}", "--ServerApp.ip=127.0.0.1",
-             *([] if open_browser else ["--no-browser"]), "dicomlake.ipynb"],
+             *([] if open_browser else ["--no-browser"]),
+             # Jupyter refuses root unless told; containers often run the demo as root
+             *(["--allow-root"] if os.geteuid() == 0 else []), "dicomlake.ipynb"],
             env=env, text=True)
         children.append(lab)
         stop = threading.Event()

@@ -29,7 +29,7 @@ export const browserPlugin: JupyterFrontEndPlugin<IDatasetBrowserOpener> = {
     const tracker = new WidgetTracker<MainAreaWidget<DatasetBrowser>>({ namespace: 'dicomlake-browser' });
     let count = 0;
     app.commands.addCommand(CommandIDs.open, {
-      label: args => (args.isLauncher ? 'dicomlake browser' : 'dicomlake: Open Dataset Browser'),
+      label: 'Dataset Browser',
       caption: 'Browse the studies, series and images of the lake',
       icon: dicomlakeIcon,
       execute: args => {

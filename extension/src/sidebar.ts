@@ -507,11 +507,11 @@ export const sidebarPlugin: JupyterFrontEndPlugin<void> = {
     const sidebar = new SqlSidebar(client, state);
     app.shell.add(sidebar, 'left', { rank: 600 });
     app.commands.addCommand(CommandIDs.open, {
-      label: 'dicomlake: Open SQL Sidebar',
+      label: 'SQL Sidebar',
       execute: () => app.shell.activateById(sidebar.id)
     });
     app.commands.addCommand(CommandIDs.run, {
-      label: 'dicomlake: Run SQL',
+      label: 'Run SQL in the Sidebar',
       execute: () => sidebar.run()
     });
     palette?.addItem({ command: CommandIDs.open, category: 'dicomlake' });

@@ -1,0 +1,180 @@
+"""Real servers for the extension tests: a small embedded lake, ``dicomlake serve``, and
+``jupyter lab`` with the dicomlake extension, started once per run and stopped at its end.
+
+The handler tests (HTTP) and the browser tests (Chromium) share them: each costs a Spark or
+Jupyter start, and the machine has two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+SQL_USER, SQL_PASSWORD = "lab", "lab password 1"
+ADMIN_USER, ADMIN_PASSWORD = "root", "root password 1"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class LabServers:
+    """Where the servers listen and the lake they share."""
+
+    home: Path
+    sql_url: str
+    lab_url: str
+    token: str
+    identities: Path
+
+    def api(self, path: str) -> str:
+        return f"{self.lab_url}/dicomlake/{path}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"}
+
+    def map_identity(self, users: dict[str, dict[str, object]]) -> None:
+        """Rewrite the identities file (the extension re-reads it on change)."""
+        doc = {"endpoint": self.sql_url, "users": users}
+        tmp = self.identities.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.identities)
+        # mtime resolution: make sure the next change is seen as a change
+        time.sleep(0.05)
+
+    def default_identity(self) -> None:
+        self.map_identity({"*": {"sql_user": SQL_USER, "password": SQL_PASSWORD,
+                                 "upload": True}})
+
+
+_SHARED: dict[str, LabServers] = {}
+_PROCS: list[subprocess.Popen] = []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop_all() -> None:
+    for proc in reversed(_PROCS):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(_PROCS):
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _PROCS.clear()
+    _SHARED.clear()
+
+
+def _build_lake(spark, settings, sample_archives, home: Path) -> None:
+    """Ingest the run's sample archives into ``home`` and embed them (shared session)."""
+    from dicomlake.catalog.ingest import ingest
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.config import Settings
+    from dicomlake.sql.users import Role, UserStore
+    from dicomlake.udfs import register_functions
+    from dicomlake.udfs.pipeline import embed
+    from dicomlake.udfs.settings import load_similarity
+
+    lake = Settings(home=home)
+    result = ingest(spark, Warehouse(lake.warehouse_path), [str(p) for p in sample_archives])
+    assert result.rows_written > 0
+    try:
+        similarity = load_similarity(lake)
+        register_functions(spark, lake, similarity)
+        assert embed(spark, lake, similarity).embeddings > 0
+    finally:
+        # the shared session serves other modules: give it its own lake back
+        Warehouse(settings.warehouse_path).register(spark)
+        register_functions(spark, settings)
+    store = UserStore(home)
+    store.add(SQL_USER, SQL_PASSWORD, Role.CLINICIAN)
+    store.add(ADMIN_USER, ADMIN_PASSWORD, Role.ADMIN)
+
+
+def _start_serve(home: Path) -> str:
+    env = {**os.environ, "DICOMLAKE_HOME": str(home), "DICOMLAKE_SPARK_MASTER": "local[2]"}
+    proc = subprocess.Popen([str(BIN / "dicomlake"), "serve", "--port", "0", "--timeout", "300"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    _PROCS.append(proc)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "listening on" in line:
+            return line.split("listening on", 1)[1].split()[0]
+    pytest.fail("dicomlake serve did not start")
+
+
+def _start_lab(home: Path, tmp: Path) -> tuple[str, str]:
+    token = secrets.token_hex(16)
+    port = _free_port()
+    for sub in ("notebooks", "config", "runtime", "workspaces"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    # no "get Jupyter news?" prompt over the screenshots (and no network call for it)
+    news = tmp / "settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True, exist_ok=True)
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
+    env = {**os.environ, "DICOMLAKE_HOME": str(home),
+           "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp / "runtime")}
+    log = open(tmp / "jupyter.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "jupyter"), "lab", "--no-browser", "--allow-root", f"--ServerApp.port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={tmp / 'notebooks'}",
+         f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+         f"--LabApp.user_settings_dir={tmp / 'settings'}",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+         "jupyterlab.NeverCheckForUpdate"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    _PROCS.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"jupyter lab exited: {(tmp / 'jupyter.log').read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/api/status", params={"token": token}, timeout=5).ok:
+                return url, token
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("jupyter lab did not start")
+
+
+def lab_servers(request, spark, settings, sample_archives, tmp_path_factory) -> LabServers:
+    """The run's lake and servers (made by the first module that asks)."""
+    if "servers" in _SHARED:
+        return _SHARED["servers"]
+    home = tmp_path_factory.mktemp("lab-home")
+    _build_lake(spark, settings, sample_archives, home)
+    request.config.add_cleanup(_stop_all)
+    sql_url = _start_serve(home)
+    identities = home / "jupyter" / "identities.json"
+    identities.parent.mkdir(parents=True, exist_ok=True)
+    servers = LabServers(home=home, sql_url=sql_url, lab_url="", token="",
+                         identities=identities)
+    servers.default_identity()
+    servers.lab_url, servers.token = _start_lab(home, tmp_path_factory.mktemp("lab"))
+    _SHARED["servers"] = servers
+    return servers

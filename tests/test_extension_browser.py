@@ -1,0 +1,158 @@
+"""The JupyterLab front end in real headless Chromium (Debian's), driven by Playwright, against
+a real ``jupyter lab`` and a real ``dicomlake serve`` on a small embedded lake.
+
+What a user does: open the SQL sidebar, expand the schema tree, run a query and see rows, see
+a query error with its position; open the dataset browser, filter by modality, open a study,
+a series and an image, click "find similar" and see neighbours ordered by distance. A
+screenshot of each step lands in ``test-artifacts/extension/``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from _extension_helpers import lab_servers
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "extension"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def servers(request, spark, settings, sample_archives, tmp_path_factory):
+    servers = lab_servers(request, spark, settings, sample_archives, tmp_path_factory)
+    servers.default_identity()
+    return servers
+
+
+@pytest.fixture(scope="module")
+def page(servers, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}; run `make chromium`")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        context = browser.new_context(viewport={"width": 1600, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(180_000)
+        messages: list[str] = []
+        page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
+        page.goto(f"{servers.lab_url}/lab?token={servers.token}")
+        page.wait_for_selector("#jp-main-dock-panel")
+        yield page
+        (ARTIFACTS / "console.log").write_text("\n".join(messages))
+        context.close()
+        browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+# The tests below are one user's session, in order.
+
+
+def test_sidebar_connects_and_tree_expands(page, servers):
+    if not page.is_visible("#dicomlake-sql-sidebar"):
+        page.click('.jp-SideBar .lm-TabBar-tab[data-id="dicomlake-sql-sidebar"]')
+    status = page.wait_for_selector(".jp-DicomlakeSql-status.jp-mod-connected")
+    assert "connected as lab" in status.inner_text()
+    shot(page, "01-sidebar-connected")
+    for path in ("dicomlake", "dicomlake.dicom", "dicomlake.dicom.instances"):
+        page.click(f'li[data-path="{path}"] > .jp-DicomlakeTree-row')
+        page.wait_for_selector(f'li[data-path="{path}"] > ul > li.jp-DicomlakeTree-node')
+    column = page.wait_for_selector('li[data-path="dicomlake.dicom.instances.modality"]')
+    assert "varchar" in column.inner_text()
+    shot(page, "02-schema-tree")
+
+
+def test_run_query_shows_rows(page):
+    page.click(".jp-DicomlakeSql-run")
+    page.wait_for_selector(".jp-DicomlakeSql-table tbody tr")
+    headers = page.locator(".jp-DicomlakeSql-table thead th span").all_inner_texts()
+    assert headers == ["modality", "images"]
+    rows = page.locator(".jp-DicomlakeSql-table tbody tr")
+    assert rows.count() >= 2
+    assert "CT" in page.locator(".jp-DicomlakeSql-table tbody").inner_text()
+    assert re.search(r"\d+ rows in", page.inner_text(".jp-DicomlakeSql-resultInfo"))
+    assert "SELECT modality" in page.text_content(".jp-DicomlakeSql-history")
+    shot(page, "03-query-rows")
+
+
+def test_query_error_is_shown_with_position(page):
+    editor = page.locator(".jp-DicomlakeSql-editor .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("SELECT modality, nope\nFROM dicom.instances")
+    page.keyboard.press("Escape")  # close the completion popup if it opened
+    page.click(".jp-DicomlakeSql-run")
+    error = page.wait_for_selector(".jp-DicomlakeSql-error:not([hidden])")
+    text = error.inner_text()
+    assert "COLUMN_NOT_FOUND at line 1, column 18" in text and "nope" in text
+    assert page.inner_text(".jp-DicomlakeSql-errorMark") == "nope"
+    shot(page, "04-query-error")
+
+
+def test_insert_column_name_from_tree(page):
+    editor = page.locator(".jp-DicomlakeSql-editor .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("SELECT ")
+    page.keyboard.press("Escape")
+    page.dblclick('li[data-path="dicomlake.dicom.instances.body_part_examined"] '
+                  "> .jp-DicomlakeTree-row")
+    assert "SELECT body_part_examined" in editor.inner_text()
+
+
+def test_browser_filters_by_modality(page):
+    page.click('.lm-MenuBar-itemLabel:text-is("dicomlake")')
+    page.click('.lm-Menu-itemLabel:text-is("Dataset Browser")')
+    page.wait_for_selector(".jp-DicomlakeBrowser-study")
+    shot(page, "05-browser")
+    page.wait_for_selector('.jp-DicomlakeBrowser-modality option[value="CT"]', state="attached")
+    page.select_option(".jp-DicomlakeBrowser-modality", "CT")
+    page.wait_for_selector(".jp-DicomlakeBrowser-sqlLog li:first-child pre:has-text(\"'CT'\")")
+    page.wait_for_selector(".jp-DicomlakeBrowser-study")
+    modalities = page.locator(".jp-DicomlakeBrowser-study td:nth-child(4)").all_inner_texts()
+    assert modalities and all("CT" in m for m in modalities)
+    shot(page, "06-browser-filtered-ct")
+
+
+def test_open_study_series_and_image(page):
+    page.click(".jp-DicomlakeBrowser-study >> nth=0")
+    page.click(".jp-DicomlakeBrowser-seriesCard >> nth=0")
+    page.wait_for_selector(".jp-DicomlakeBrowser-instanceCard img")
+    loaded = page.eval_on_selector_all(
+        ".jp-DicomlakeBrowser-instanceCard img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert loaded and all(width > 0 for width in loaded)
+    shot(page, "07-series-and-images")
+    page.click(".jp-DicomlakeBrowser-instanceCard >> nth=0")
+    page.wait_for_selector(".jp-DicomlakeBrowser-findSimilar")
+    assert "sop_instance_uid" in page.inner_text(".jp-DicomlakeBrowser-fields")
+    shot(page, "08-image-detail")
+
+
+def test_find_similar_shows_ordered_thumbnails(page):
+    selected = page.get_attribute(".jp-DicomlakeBrowser-detailHead", "data-uid")
+    page.click(".jp-DicomlakeBrowser-findSimilar")
+    page.wait_for_selector(".jp-DicomlakeBrowser-neighbour img")
+    cards = page.locator(".jp-DicomlakeBrowser-neighbour")
+    ranks = [int(r) for r in cards.evaluate_all("cs => cs.map(c => c.dataset.rank)")]
+    distances = [float(d) for d in cards.evaluate_all("cs => cs.map(c => c.dataset.distance)")]
+    uids = cards.evaluate_all("cs => cs.map(c => c.dataset.uid)")
+    assert len(ranks) == 12 and ranks == sorted(ranks) and ranks[0] == 1
+    assert distances == sorted(distances)
+    assert distances[0] == pytest.approx(0.0, abs=1e-3)
+    # the image itself is among the nearest (the sample repeats some images exactly)
+    assert selected in [u for u, d in zip(uids, distances, strict=True) if d < 1e-3]
+    assert "image_knn(query =>" in page.inner_text(".jp-DicomlakeBrowser-sqlLog li:first-child")
+    page.locator(".jp-DicomlakeBrowser-similar").scroll_into_view_if_needed()
+    shot(page, "09-find-similar")
