@@ -81,4 +81,18 @@ def serve_cmd(queries: int, rows: int, as_json: bool) -> None:
     emit(serve_bench.run(queries=queries, rows=rows), as_json)
 
 
+@bench.command("stream")
+@click.option("--images", default=100, show_default=True,
+              help="Images uploaded one by one for the freshness figures.")
+@click.option("--rate", default=4.0, show_default=True, help="Uploads per second.")
+@click.option("--burst", default=100, show_default=True,
+              help="Images uploaded at once for images_per_second.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stream_cmd(images: int, rate: float, burst: int, as_json: bool) -> None:
+    """Upload -> visible in dicom.instances and image_knn, through broker + Flink job."""
+    from dicomlake.bench import stream as stream_bench
+
+    emit(stream_bench.run(images=images, rate=rate, burst=burst), as_json)
+
+
 COMMANDS = [bench]

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "dicomlake.udfs.commands",
     "dicomlake.sql.commands",
     "dicomlake.extension.commands",
+    "dicomlake.streaming.commands",
 )
 """Modules exposing ``COMMANDS``: a list of click commands/groups added to ``dicomlake``."""
 

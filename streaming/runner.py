@@ -1,0 +1,180 @@
+"""``dicomlake stream start|status|stop``: the broker and the Flink job as background processes.
+
+State lives in ``<home>/stream``: ``broker.json`` (embedded broker), ``job.json`` (job
+process), ``job.log``, ``checkpoints/`` and ``status.json`` (written by the job after every
+batch). The job runs in its own session (process group) so stopping it stops its JVM and
+Python workers too; a restart resumes from the newest retained checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from dicomlake.config import Settings
+from dicomlake.streaming.broker import (
+    EmbeddedBroker,
+    _alive,
+    _reap,
+    ensure_topics,
+    wait_reachable,
+)
+from dicomlake.streaming.settings import StreamSettings, load_stream, state_dir
+
+
+class StreamError(RuntimeError):
+    """The stream cannot be started or controlled."""
+
+
+def _job_record(state: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((state / "job.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if _alive(int(data["pid"])) else None
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def start(settings: Settings, stream: StreamSettings | None = None, *,
+          wait_s: float = 180.0) -> dict[str, Any]:
+    """Start the broker (embedded default), create topics and tables, launch the job.
+
+    Returns once the job has processed its first tick, so callers can upload right away.
+    """
+    from dicomlake.streaming.tables import ensure_tables
+    from dicomlake.udfs import model as model_mod
+
+    stream = stream or load_stream(settings)
+    state = state_dir(settings)
+    state.mkdir(parents=True, exist_ok=True)
+    if stream.embedded:
+        broker = EmbeddedBroker.start(state, stream.broker_port)
+        bootstrap, epoch = broker.bootstrap, broker.epoch
+    else:
+        bootstrap, epoch = stream.bootstrap_servers, "kafka"
+        wait_reachable(bootstrap)
+    ensure_topics(bootstrap, stream)
+    running = _job_record(state)
+    if running is not None:
+        return {"bootstrap": bootstrap, "job_pid": running["pid"], "already_running": True}
+    python = Path(stream.flink_python)
+    if not python.exists():
+        raise StreamError(f"the Flink interpreter {python} does not exist; run `make install` "
+                          "(it builds .venv-flink) or set stream.flink_python")
+    model_mod.export_onnx(settings.home)  # torch lives here, not in the Flink venv
+    ensure_tables(settings)
+    args = {"home": str(settings.home), "warehouse": str(settings.warehouse_path),
+            "bootstrap": bootstrap, "epoch": epoch, "stream": stream.to_json(),
+            "state_dir": str(state)}
+    args_file = state / "job-args.json"
+    args_file.write_text(json.dumps(args))
+    (state / "status.json").unlink(missing_ok=True)
+    log = state / "job.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    with log.open("ab") as out:
+        proc = subprocess.Popen([str(python), "-m", "dicomlake.streaming.job", "--args-file",
+                                 str(args_file)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    (state / "job.json").write_text(json.dumps({"pid": proc.pid, "started_at": time.time()}))
+    deadline = time.monotonic() + wait_s
+    while not (state / "status.json").exists():
+        if proc.poll() is not None:
+            raise StreamError(f"the Flink job exited with code {proc.returncode}; last lines "
+                              f"of {log}:\n{_log_tail(log)}")
+        if time.monotonic() > deadline:
+            stop_job(settings)
+            raise StreamError(f"the Flink job did not start within {wait_s:.0f} s; see {log}")
+        time.sleep(0.2)
+    return {"bootstrap": bootstrap, "job_pid": proc.pid, "already_running": False}
+
+
+def kill_job(settings: Settings, sig: int = signal.SIGKILL) -> int | None:
+    """Signal the job's whole process group (JVM and Python workers included)."""
+    state = state_dir(settings)
+    record = _job_record(state)
+    if record is None:
+        return None
+    pid = int(record["pid"])
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    return pid
+
+
+def stop_job(settings: Settings, timeout: float = 30.0) -> bool:
+    """Stop the job (SIGTERM, then SIGKILL); True if one was running."""
+    state = state_dir(settings)
+    pid = kill_job(settings, signal.SIGTERM)
+    if pid is None:
+        return False
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # stragglers in the group (Python workers, JVM)
+    except ProcessLookupError:
+        pass
+    _reap(pid)
+    (state / "job.json").unlink(missing_ok=True)
+    return True
+
+
+def stop(settings: Settings, stream: StreamSettings | None = None) -> dict[str, bool]:
+    """Stop the job, then the embedded broker (its messages are dropped)."""
+    stream = stream or load_stream(settings)
+    state = state_dir(settings)
+    job = stop_job(settings)
+    broker = EmbeddedBroker.find(state)
+    if broker is not None:
+        broker.stop(state)
+    return {"job": job, "broker": broker is not None}
+
+
+def status(settings: Settings, stream: StreamSettings | None = None) -> dict[str, Any]:
+    """Broker, job and progress (offsets, lag, rows written by this run of the job)."""
+    stream = stream or load_stream(settings)
+    state = state_dir(settings)
+    broker = EmbeddedBroker.find(state) if stream.embedded else None
+    bootstrap = stream.bootstrap_servers or (broker.bootstrap if broker else None)
+    job = _job_record(state)
+    out: dict[str, Any] = {"bootstrap": bootstrap, "embedded_broker": stream.embedded,
+                           "broker_running": bool(broker) or not stream.embedded,
+                           "job_running": job is not None,
+                           "job_pid": job["pid"] if job else None, "topic": stream.topic}
+    try:
+        progress = json.loads((state / "status.json").read_text())
+    except (OSError, ValueError):
+        progress = {}
+    out["offsets"] = progress.get("offsets", {})
+    out["counts"] = progress.get("counts", {})
+    out["codebook_version"] = progress.get("codebook_version")
+    out["updated_at"] = progress.get("updated_at")
+    if bootstrap and out["broker_running"]:
+        try:
+            from kafka import KafkaConsumer, TopicPartition
+
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            try:
+                tps = [TopicPartition(stream.topic, p) for p in range(stream.partitions)]
+                ends = consumer.end_offsets(tps)
+            finally:
+                consumer.close()
+            out["lag"] = sum(max(0, ends[tp] - int(out["offsets"].get(str(tp.partition), 0)))
+                             for tp in tps)
+        except Exception as exc:  # status must report, not fail
+            out["lag_error"] = f"{type(exc).__name__}: {exc}"
+    return out
