@@ -11,7 +11,8 @@ see masked values.
   work, but not reversible without the lake's salt (``<home>/sql/mask.salt``, mode 0600).
 * Birth dates keep only the year (HIPAA Safe Harbor keeps years).
 * File paths (``path``, ``member``, ``source``, ``archive``) are pseudonymised too, because
-  archives name folders after patients; error messages (which quote paths) are removed.
+  archives name folders after patients; error messages (which quote paths) are removed, and
+  ``BulkDataURI`` values in ``meta`` (which are file paths) are pseudonymised the same way.
 * Inside ``meta`` (DICOM JSON) the same tags are masked, recursively through sequences, and
   private tags (odd groups) lose their values: vendors put names there too.
 """
@@ -140,6 +141,8 @@ def _mask_element(tag: str, element: dict[str, Any], salt: str) -> dict[str, Any
             element = dict(element)
             element["Value"] = [mask_dataset(item, salt) if isinstance(item, dict) else item
                                 for item in element["Value"]]
+        if "BulkDataURI" in element:  # a file path, and exports name folders after patients
+            element = {**element, "BulkDataURI": mask_text(str(element["BulkDataURI"]), salt)}
         return element
     masked = {"vr": element.get("vr", "UN")}
     values = element.get("Value")

@@ -514,7 +514,10 @@ class Translator:
                 raise QueryError(E.TABLE_NOT_FOUND,
                                  f"Table '{catalog}.{schema}.{name}' does not exist",
                                  line=line, column=col)
-            alias = table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(name))
+            alias = table.args.get("alias")
+            if alias is None and not (isinstance(replacement, exp.Table)
+                                      and replacement.name == name):
+                alias = exp.TableAlias(this=exp.to_identifier(name))  # keep `t.col` working
             replacement.set("alias", alias)
             for key in ("joins", "laterals", "pivots", "hints", "sample", "version", "when"):
                 if table.args.get(key):

@@ -131,6 +131,7 @@ def test_mask_meta_hides_identifiers_everywhere():
         "00101040": {"vr": "LO", "Value": ["1 Main St"]},
         "00080060": {"vr": "CS", "Value": ["CT"]},
         "00091001": {"vr": "LO", "Value": ["Doe^Jane in a private tag"]},
+        "7FE00010": {"vr": "OW", "BulkDataURI": "/lake/a.zip!/MRN12345/IM1.dcm#offset=10"},
         "00081110": {"vr": "SQ", "Value": [
             {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}}]},
     }

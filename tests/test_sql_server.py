@@ -52,10 +52,12 @@ def server(sql_home) -> str:
     """The base URL of a running ``dicomlake serve`` (stopped with SIGTERM afterwards)."""
     env = {**os.environ, "DICOMLAKE_HOME": str(sql_home), "DICOMLAKE_SPARK_MASTER": "local[2]"}
     exe = Path(sys.executable).parent / "dicomlake"
+    log_path = sql_home / "serve.log"
+    log_file = open(log_path, "w")
     proc = subprocess.Popen(
         [str(exe), "serve", "--port", "0", "--max-rows", str(MAX_ROWS), "--timeout", "120",
          "--max-concurrent", "4"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
     url = None
     deadline = time.monotonic() + 240
     assert proc.stdout is not None
@@ -68,7 +70,8 @@ def server(sql_home) -> str:
             break
     if url is None:
         proc.kill()
-        pytest.fail("dicomlake serve did not start")
+        lines = [x for x in log_path.read_text().splitlines() if " WARN " not in x]
+        pytest.fail("dicomlake serve did not start:\n" + "\n".join(lines[-20:]))
     yield url
     proc.send_signal(signal.SIGTERM)
     try:
@@ -76,6 +79,7 @@ def server(sql_home) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    log_file.close()
     assert proc.returncode == 0
 
 
