@@ -32,11 +32,16 @@ def _free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """True for a running process; False for a gone or zombie (killed, not yet reaped) one."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def wait_reachable(bootstrap: str, timeout: float = 15.0) -> None:

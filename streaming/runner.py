@@ -111,6 +111,12 @@ def kill_job(settings: Settings, sig: int = signal.SIGKILL) -> int | None:
         os.killpg(pid, sig)
     except ProcessLookupError:
         pass
+    if sig == signal.SIGKILL:
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _reap(pid)
+        (state / "job.json").unlink(missing_ok=True)
     return pid
 
 
