@@ -18,7 +18,9 @@ def test_wheel_holds_only_the_dicomlake_namespace(tmp_path):
                     "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=600)
     (wheel,) = tmp_path.glob("dicomlake-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    # <name>.data/ holds shared data (the JupyterLab extension), installed outside site-packages
+    top = {n.split("/")[0] for n in names
+           if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"dicomlake"}
     for sub in ("catalog", "udfs", "sql", "streaming", "extension", "bench"):
         assert f"dicomlake/{sub}/__init__.py" in names
