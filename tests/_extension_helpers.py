@@ -35,6 +35,7 @@ class LabServers:
     lab_url: str
     token: str
     identities: Path
+    notebooks: Path | None = None
 
     def api(self, path: str) -> str:
         return f"{self.lab_url}/dicomlake/{path}"
@@ -175,6 +176,8 @@ def lab_servers(request, spark, settings, sample_archives, tmp_path_factory) -> 
     servers = LabServers(home=home, sql_url=sql_url, lab_url="", token="",
                          identities=identities)
     servers.default_identity()
-    servers.lab_url, servers.token = _start_lab(home, tmp_path_factory.mktemp("lab"))
+    lab_dir = tmp_path_factory.mktemp("lab")
+    servers.lab_url, servers.token = _start_lab(home, lab_dir)
+    servers.notebooks = lab_dir / "notebooks"
     _SHARED["servers"] = servers
     return servers

@@ -9,6 +9,7 @@ screenshot of each step lands in ``test-artifacts/extension/``.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -156,3 +157,25 @@ def test_find_similar_shows_ordered_thumbnails(page):
     assert "image_knn(query =>" in page.inner_text(".jp-DicomlakeBrowser-sqlLog li:first-child")
     page.locator(".jp-DicomlakeBrowser-similar").scroll_into_view_if_needed()
     shot(page, "09-find-similar")
+
+
+def test_browse_from_a_notebook(page, servers):
+    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {},
+                           "outputs": [], "source": ["import dicomlake\n",
+                                                    'dicomlake.browse(modality="MR")']}],
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                            "language": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    (servers.notebooks / "browse.ipynb").write_text(json.dumps(notebook))
+    page.goto(f"{servers.lab_url}/lab/tree/browse.ipynb?token={servers.token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content")
+    page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')")
+    page.click('.lm-MenuBar-itemLabel:text-is("Run")')
+    page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
+    output = page.wait_for_selector(".jp-OutputArea .jp-DicomlakeBrowser-study")
+    assert output is not None
+    assert page.input_value(".jp-OutputArea .jp-DicomlakeBrowser-modality") == "MR"
+    modalities = page.locator(
+        ".jp-OutputArea .jp-DicomlakeBrowser-study td:nth-child(4)").all_inner_texts()
+    assert modalities and all("MR" in m for m in modalities)
+    shot(page, "10-notebook-browse")

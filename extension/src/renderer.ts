@@ -1,7 +1,7 @@
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
-import { Widget } from '@lumino/widgets';
+import { Panel } from '@lumino/widgets';
 
 import { DatasetBrowser } from './browser';
 import { IDicomlakeClient, IFilters } from './tokens';
@@ -9,8 +9,11 @@ import { IDicomlakeClient, IFilters } from './tokens';
 /** What `dicomlake.browse(...)` returns in a notebook. */
 export const MIME_TYPE = 'application/vnd.dicomlake.browser+json';
 
-/** Renders the browser widget inside an output area. */
-class BrowserRenderer extends Widget implements IRenderMime.IRenderer {
+/**
+ * Renders the browser widget inside an output area. A panel, so the browser is a child
+ * widget: the output area attaches the renderer to the page after `renderModel`.
+ */
+class BrowserRenderer extends Panel implements IRenderMime.IRenderer {
   constructor(private _client: IDicomlakeClient) {
     super();
     this.addClass('jp-DicomlakeBrowser-output');
@@ -22,7 +25,7 @@ class BrowserRenderer extends Widget implements IRenderMime.IRenderer {
       this._browser.dispose();
     }
     this._browser = new DatasetBrowser(this._client, doc?.filters ?? {});
-    Widget.attach(this._browser, this.node);
+    this.addWidget(this._browser);
     await this._browser.start();
   }
 
