@@ -105,6 +105,10 @@ def query_error(exc: BaseException) -> QueryError:
     return error
 
 
+SMALL_RESULT = 10_000
+"""Results up to this many rows are collected in one job; larger ones are streamed."""
+
+
 class SparkEngine:
     """Runs Spark SQL for the service."""
 
@@ -142,6 +146,14 @@ class SparkEngine:
         if self._is_local(df) and not any(_has_timestamp(t) for _, t in columns):
             # Constant and metadata results: Spark answers these without a job.
             return ResultStream(columns, iter(()), rows=[tuple(r) for r in df.collect()])
+        if not is_query:
+            return ResultStream(columns, self._batches(df))
+        # Most BI queries return a page or less: one job that collects at most SMALL_RESULT
+        # rows costs what a direct collect() costs, where the streaming iterator runs one job
+        # per partition. Only a result that does not fit is streamed (the query runs again).
+        head = df.limit(SMALL_RESULT + 1).toArrow()
+        if head.num_rows <= SMALL_RESULT:
+            return ResultStream(columns, iter(head.to_batches()))
         return ResultStream(columns, self._batches(df))
 
     @staticmethod

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import logging
 import secrets
 import threading
@@ -27,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from dicomlake.sql import errors as E
 from dicomlake.sql.audit import AuditRecord
@@ -237,13 +238,19 @@ class Query:
             return body
 
 
+def _json_rows(columns: list[list[Any]]) -> bytes:
+    """Rows (given as columns) as comma-separated JSON arrays, without the outer brackets.
+
+    orjson: the encoder is on the path of every result row and is several times faster than
+    the standard library's; converters have already turned values into JSON types.
+    """
+    return orjson.dumps(list(zip(*columns, strict=True)))[1:-1]
+
+
 def encode_batch(batch: pa.RecordBatch,
                  converters: list[Callable[[Any], list[Any]]]) -> bytes:
     """Rows of an Arrow batch as comma-separated JSON arrays (no surrounding brackets)."""
-    columns = [convert(batch.column(i)) for i, convert in enumerate(converters)]
-    text = json.dumps(list(zip(*columns, strict=True)), separators=(",", ":"),
-                      ensure_ascii=False)
-    return text[1:-1].encode("utf-8")
+    return _json_rows([convert(batch.column(i)) for i, convert in enumerate(converters)])
 
 
 class QueryManager:
@@ -469,7 +476,4 @@ def column_converter_for(data_type: T.DataType) -> Callable[[Any], list[Any]]:
 
 
 def _encode_rows(rows: list[list[Any]], converters: list[Callable[[Any], list[Any]]]) -> bytes:
-    columns = [convert([r[i] for r in rows]) for i, convert in enumerate(converters)]
-    text = json.dumps(list(zip(*columns, strict=True)), separators=(",", ":"),
-                      ensure_ascii=False)
-    return text[1:-1].encode("utf-8")
+    return _json_rows([convert([r[i] for r in rows]) for i, convert in enumerate(converters)])
