@@ -153,14 +153,17 @@ def run_lab(settings: Settings, *, sql_port: int = 8080, lab_port: int = 8888,
              *([] if open_browser else ["--no-browser"]),
              # Jupyter refuses root unless told; containers often run the demo as root
              *(["--allow-root"] if os.geteuid() == 0 else []), "dicomlake.ipynb"],
-            env=env, text=True)
+            env=env, text=True, cwd=notebooks)
         children.append(lab)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
-            if any(child.poll() is not None for child in children):
-                break
+            ended = [child for child in children if child.poll() is not None]
+            if ended:
+                click.echo(f"{ended[0].args[1]} exited with code {ended[0].returncode}; "
+                           "stopping", err=True)
+                return ended[0].returncode or 1
         return 0
     finally:
         for child in reversed(children):
