@@ -54,7 +54,9 @@ PROMOTED: tuple[tuple[str, int, str], ...] = (
 )
 _PROMOTED_KEYS = {tag: f"{tag:08X}" for _, tag, _ in PROMOTED}
 
-def _promoted_values(header: Header) -> dict[str, Any]:
+
+def promoted_values(header: Header) -> dict[str, Any]:
+    """The typed columns of one instance, plus ``meta`` and the pixel data facts."""
     from dicomlake.catalog.header import parse_da
 
     values: dict[str, Any] = {}

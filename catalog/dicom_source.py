@@ -30,7 +30,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from dicomlake.catalog.columns import _PROMOTED_KEYS, PROMOTED, _promoted_values  # noqa: F401
+from dicomlake.catalog.columns import PROMOTED, promoted_values
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.inputs import (
     DICOM_SUFFIXES,
@@ -278,7 +278,7 @@ class DicomDataSourceReader(DataSourceReader):
                                  has_preamble=has_preamble,
                                  max_header_bytes=self.options.max_header_bytes)
             row = self._base(inp)
-            row.update(_promoted_values(header))
+            row.update(promoted_values(header))
         except HeaderError as exc:
             yield from self._error(inp, exc.kind, str(exc))
             return

@@ -65,7 +65,7 @@ META_COLUMN = "meta"
 
 def _identifying_columns() -> dict[str, str]:
     """Promoted columns whose tag is identifying (same names in instances/series/studies)."""
-    from dicomlake.catalog.dicom_source import PROMOTED
+    from dicomlake.catalog.columns import PROMOTED
 
     return {name: IDENTIFYING_TAGS[f"{tag:08X}"] for name, tag, _ in PROMOTED
             if f"{tag:08X}" in IDENTIFYING_TAGS}

@@ -203,7 +203,7 @@ class LakeWriter:
 
     def _instance_row(self, rec: Record, upload: messages.Upload, data: bytes, target: Path,
                       ) -> dict[str, Any]:
-        from dicomlake.catalog.columns import _promoted_values
+        from dicomlake.catalog.columns import promoted_values
         from dicomlake.catalog.header import read_header
 
         if not data:
@@ -222,7 +222,7 @@ class LakeWriter:
             "modified": dt.datetime.fromtimestamp(upload.sent_ms / 1000, dt.UTC)
             if upload.sent_ms else None,
         }
-        row.update(_promoted_values(header))
+        row.update(promoted_values(header))
         row["ingested_at"] = _now()
         return row
 
