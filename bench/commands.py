@@ -52,12 +52,15 @@ def knn_cmd(codes: int, dim: int, m: int, queries: int, no_sql: bool, as_json: b
 
 @bench.command("embed")
 @click.option("--files", default=400, show_default=True, help="Images (512x512 CT/MR).")
+@click.option("--backend", type=click.Choice(["onnx", "tensorflow"]), default="onnx",
+              show_default=True,
+              help="Embedding model; VGG-16 (tensorflow) runs ~6 images/s: use --files 100.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def embed_cmd(files: int, as_json: bool) -> None:
-    """Embeddings through the Spark vectorized UDF vs the bare ONNX model."""
+def embed_cmd(files: int, backend: str, as_json: bool) -> None:
+    """Embeddings through the Spark vectorized UDF vs the bare model."""
     from dicomlake.bench import embed as embed_bench
 
-    emit(embed_bench.run(files=files), as_json)
+    emit(embed_bench.run(files=files, backend=backend), as_json)
 
 
 @bench.command("retrieval")

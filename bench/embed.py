@@ -1,10 +1,12 @@
 """Embedding benchmark: the Spark vectorized UDF vs the bare model on the same images.
 
 Both paths do the same work per image (read the member from its ZIP, decode, window,
-resize, EfficientNet-Lite0 in ONNX Runtime, batches of 32); the ratio shows what Spark adds
-(task scheduling, Arrow transfer, Parquet write of the results). Spark runs ``local[N]`` with
-one ONNX thread per task; the bare model gets N ONNX threads in one process: the same cores.
-Model export and Spark start-up are excluded from both.
+resize, the backend's model: EfficientNet-Lite0 in ONNX Runtime or VGG-16 in TensorFlow,
+batches of 32); the ratio shows what Spark adds (task scheduling, Arrow transfer, Parquet
+write of the results). Spark runs ``local[N]`` with one model thread per task; the bare model
+gets N threads in one process: the same cores. Model export and Spark start-up are excluded
+from both; the UDF time does include each worker loading the model (for TensorFlow, its
+import: seconds), as a real ``dicomlake embed`` run pays it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 
 def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
-        batch_size: int = 32) -> dict[str, Any]:
+        batch_size: int = 32, backend: str = "onnx") -> dict[str, Any]:
     """Run the benchmark and return its keys (see the module docstring)."""
     from dicomlake.catalog.delta import read_columns
     from dicomlake.catalog.ingest import ingest
@@ -31,19 +33,21 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
     from dicomlake.udfs.embeddings import ONNX_THREADS_ENV
     from dicomlake.udfs.pipeline import embed_instances
     from dicomlake.udfs.pixels import model_inputs
-    from dicomlake.udfs.settings import SimilaritySettings
+    from dicomlake.udfs.settings import ModelBackend, SimilaritySettings
 
     with tempfile.TemporaryDirectory(prefix="dicomlake-bench-embed-") as tmp:
         home = Path(tmp)
-        archives = make_sample(home / "samples", archives=max(1, files // files_per_archive),
-                               files=files_per_archive, seed=11, profile=Profile.CTMR)
+        per_archive = min(files, files_per_archive)
+        archives = make_sample(home / "samples", archives=max(1, files // per_archive),
+                               files=per_archive, seed=11, profile=Profile.CTMR)
         settings = Settings(home=home, spark=SparkSettings(master=f"local[{cores}]",
                                                           driver_memory="2g"))
         os.environ[ONNX_THREADS_ENV] = "1"
         spark = build_session(settings)
         ingest(spark, Warehouse(settings.warehouse_path), [str(a) for a in archives])
-        model_mod.export_onnx(home)
-        similarity = SimilaritySettings(batch_size=batch_size)
+        kind = ModelBackend(backend)
+        model_mod.prepare(home, kind)
+        similarity = SimilaritySettings(batch_size=batch_size, backend=kind)
 
         started = time.perf_counter()
         images, rows, _ = embed_instances(spark, settings, similarity)
@@ -51,7 +55,7 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
 
         paths = read_columns(settings.warehouse_path / "dicom" / "instances",
                              ["path"]).column("path").to_pylist()
-        embedder = model_mod.get_embedder(home, threads=cores)
+        embedder = model_mod.embedder_for(home, kind, threads=cores)
         embedder.embed(np.zeros((1, 224, 224, 3), np.uint8))  # warm, as the workers are
         started = time.perf_counter()
         pending: list[np.ndarray] = []
@@ -64,6 +68,8 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
             embedder.embed(np.stack(pending))
         raw_s = time.perf_counter() - started
     return {
+        "backend": kind.value,
+        "model_id": model_mod.model_info(kind).model_id,
         "images": images,
         "embeddings": rows,
         "cores": cores,

@@ -20,7 +20,12 @@ from dicomlake.udfs.errors import (
     PixelError,
     PixelErrorKind,
 )
-from dicomlake.udfs.settings import CodeStoreKind, SimilaritySettings, load_similarity
+from dicomlake.udfs.settings import (
+    CodeStoreKind,
+    ModelBackend,
+    SimilaritySettings,
+    load_similarity,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -33,6 +38,7 @@ __all__ = [
     "CodebookError",
     "EmbeddingError",
     "KnnError",
+    "ModelBackend",
     "PixelError",
     "PixelErrorKind",
     "SimilaritySettings",

@@ -13,23 +13,32 @@ from dicomlake.console import start_session
 @click.command()
 @click.option("--retrain", is_flag=True,
               help="Train a new PQ codebook version and re-encode every embedding.")
+@click.option("--backend", type=click.Choice(["onnx", "tensorflow"]), default=None,
+              help="Embedding model: onnx (EfficientNet-Lite0, 1280-d) or tensorflow (VGG-16, "
+                   "512-d; ~20x slower). Default: similarity.backend, or onnx. Switching "
+                   "embeds every image again and trains a codebook for the new model.")
 @click.option("--store", type=click.Choice(["delta", "hbase"]), default=None,
               help="Code store (default: similarity.code_store in dicomlake.toml, or delta).")
-@click.option("--m", "m", type=int, default=None, help="PQ sub-spaces (must divide 1280).")
+@click.option("--m", "m", type=int, default=None,
+              help="PQ sub-spaces (must divide the embedding size: 1280 onnx, 512 tensorflow).")
 @click.option("--nlist", type=int, default=None, help="IVF lists (0: no coarse quantizer).")
-def embed(retrain: bool, store: str | None, m: int | None, nlist: int | None) -> None:
-    """Embed new images (EfficientNet-Lite0, ONNX Runtime) and write their PQ codes."""
+def embed(retrain: bool, backend: str | None, store: str | None, m: int | None,
+          nlist: int | None) -> None:
+    """Embed new images (EfficientNet-Lite0 in ONNX Runtime, or VGG-16 in TensorFlow) and
+    write their PQ codes."""
     from dataclasses import replace
 
     from dicomlake.udfs import register_functions
     from dicomlake.udfs.errors import DicomlakeError
     from dicomlake.udfs.pipeline import embed as run_embed
-    from dicomlake.udfs.settings import load_similarity
+    from dicomlake.udfs.settings import ModelBackend, load_similarity
 
     settings, spark = start_session()
     similarity = load_similarity(settings)
     if store:
         similarity = similarity.with_store(store)
+    if backend:
+        similarity = replace(similarity, backend=ModelBackend(backend))
     if m is not None or nlist is not None:
         similarity = replace(similarity, m=m or similarity.m,
                              nlist=similarity.nlist if nlist is None else nlist)

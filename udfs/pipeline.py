@@ -93,8 +93,8 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
     from dicomlake.catalog.ingest import _Progress
 
     warehouse = Warehouse(settings.warehouse_path)
-    model_mod.export_onnx(settings.home)  # once, on the driver, before workers need it
-    version = model_mod.model_version()
+    model_mod.prepare(settings.home, similarity.backend)  # once, on the driver
+    version = model_mod.model_info(similarity.backend).version
     todo = _todo(spark, warehouse, version)
     if todo is None:
         return 0, 0, 0
@@ -105,7 +105,8 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
         return 0, 0, 0
     parallel = spark.sparkContext.defaultParallelism
     todo = todo.repartition(max(parallel, min(count // 64, 4 * parallel)))
-    rows = todo.mapInArrow(embed_batches(str(settings.home), similarity.batch_size), EMBED_DDL)
+    rows = todo.mapInArrow(embed_batches(str(settings.home), similarity.batch_size,
+                                         similarity.backend.value), EMBED_DDL)
     targets = [
         TableTarget(EMBEDDINGS, str(warehouse.table_path(SCHEMA, EMBEDDINGS)), EMBEDDING_COLUMNS),
         TableTarget(PIXEL_ERRORS, str(warehouse.table_path(SCHEMA, PIXEL_ERRORS)),
@@ -135,8 +136,8 @@ def train_codebook(spark: SparkSession, settings: Settings, similarity: Similari
     import numpy as np
 
     warehouse = Warehouse(settings.warehouse_path)
-    version = model_mod.model_version()
-    emb = _embeddings_frame(spark, warehouse, version)
+    info = model_mod.model_info(similarity.backend)
+    emb = _embeddings_frame(spark, warehouse, info.version)
     total = emb.count()
     if total == 0:
         raise CodebookError("no embeddings to train a PQ codebook on; run `dicomlake embed` "
@@ -151,7 +152,7 @@ def train_codebook(spark: SparkSession, settings: Settings, similarity: Similari
     nlist = min(similarity.nlist, len(vectors)) if similarity.nlist else 0
     book = pq.train(np.asarray(vectors, np.float32), m=similarity.m, nlist=nlist,
                     version=(previous.version + 1) if previous else 1,
-                    model_id=model_mod.MODEL_ID, model_version=version)
+                    model_id=info.model_id, model_version=info.version)
     pq.save(books, book)
     warehouse.register(spark, only=(SCHEMA, pq.CODEBOOKS))
     return book
@@ -200,7 +201,8 @@ def embed(spark: SparkSession, settings: Settings, similarity: SimilaritySetting
         result.seconds = time.perf_counter() - started
         return result
     book = pq.latest(warehouse.table_path(SCHEMA, pq.CODEBOOKS))
-    stale = book is None or book.model_version != model_mod.model_version()
+    stale = book is None or book.model_version != model_mod.model_info(
+        similarity.backend).version
     if retrain or stale:
         book = train_codebook(spark, settings, similarity)
         result.trained = True
