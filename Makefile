@@ -29,7 +29,7 @@ $(FLINK_VENV)/.installed: streaming/flink-requirements.txt pyproject.toml
 # JupyterLab front end: built with npm; an editable install skips data files, so link it here
 $(VENV)/.labextension: $(VENV)/.installed package.json package-lock.json tsconfig.json \
 		$(wildcard extension/src/*.ts extension/style/* extension/schema/*)
-	test node_modules/.package-lock.json -nt package-lock.json || npm ci --no-audit --no-fund
+	test node_modules/.package-lock.json -nt package-lock.json || npm install --no-audit --no-fund  # npm ci rejects rspack's optional platform bindings
 	npm run build:prod
 	mkdir -p $(VENV)/share/jupyter/labextensions/@dicomlake $(VENV)/etc/jupyter/jupyter_server_config.d
 	ln -sfn $(CURDIR)/extension/labextension $(VENV)/share/jupyter/labextensions/@dicomlake/jupyterlab
