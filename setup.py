@@ -1,7 +1,7 @@
 """Build hook for the JupyterLab front end; all other metadata lives in pyproject.toml.
 
 ``pip install .`` must give a JupyterLab that shows the dicomlake sidebar with no extra
-step, so building the package also builds the TypeScript front end (``npm ci`` + ``npm run
+step, so building the package also builds the TypeScript front end (``npm install`` + ``npm run
 build``, see package.json) into ``extension/labextension`` and installs it as shared data:
 ``share/jupyter/labextensions/@dicomlake/jupyterlab`` for JupyterLab to load and
 ``etc/jupyter/jupyter_server_config.d/dicomlake.json`` to enable the server extension.
@@ -54,7 +54,9 @@ def build_labextension() -> None:
     installed = ROOT / "node_modules" / ".package-lock.json"
     lock = ROOT / "package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True)
+        # `npm install` (from the lock), not `npm ci`: the registry here lacks rspack's
+        # optional bindings for other platforms, so the lock cannot list them and ci refuses
+        subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=ROOT, check=True)
     subprocess.run([npm, "run", "build:prod"], cwd=ROOT, check=True)
 
 

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "dicomlake.catalog.commands",
     "dicomlake.bench.commands",
     "dicomlake.udfs.commands",
+    "dicomlake.demo",
     "dicomlake.sql.commands",
     "dicomlake.extension.commands",
     "dicomlake.streaming.commands",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _extension_helpers import lab_servers
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,20 @@ def test_insert_column_name_from_tree(page):
     assert "SELECT body_part_examined" in editor.inner_text()
 
 
+def test_editor_completes_table_and_column_names(page):
+    editor = page.locator(".jp-DicomlakeSql-editor .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("SELECT * FROM dicom.stu")
+    page.wait_for_selector(".cm-tooltip-autocomplete li:has-text('studies')")
+    page.keyboard.press("Enter")
+    page.keyboard.type(" WHERE patient_na")
+    page.wait_for_selector(".cm-tooltip-autocomplete li:has-text('patient_name')")
+    shot(page, "04b-completion")
+    page.keyboard.press("Enter")
+    assert editor.inner_text() == "SELECT * FROM dicom.studies WHERE patient_name"
+
+
 def test_browser_filters_by_modality(page):
     page.click('.lm-MenuBar-itemLabel:text-is("dicomlake")')
     page.click('.lm-Menu-itemLabel:text-is("Dataset Browser")')
@@ -159,6 +174,33 @@ def test_find_similar_shows_ordered_thumbnails(page):
     shot(page, "09-find-similar")
 
 
+def test_upload_adds_an_image(page, tmp_path):
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from dicomlake.catalog.sample import find_template
+
+    ds = dcmread(find_template("MR_small.dcm"))
+    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.SeriesInstanceUID, ds.StudyDescription = generate_uid(), "UPLOADED FROM THE BROWSER"
+    upload = tmp_path / "uploaded.dcm"
+    ds.save_as(upload)
+    page.set_input_files(".jp-DicomlakeBrowser-file", str(upload))
+    message = page.wait_for_selector(
+        ".jp-DicomlakeBrowser-message:has-text('upload ingested')", timeout=900_000)
+    assert "1 images written" in message.inner_text()
+    assert "upload: what arrived" in page.inner_text(".jp-DicomlakeBrowser-sqlLog")
+    page.select_option(".jp-DicomlakeBrowser-modality", "")
+    page.fill(".jp-DicomlakeBrowser-text", "uploaded from the browser")
+    page.click(".jp-DicomlakeBrowser-apply")
+    page.wait_for_selector(".jp-DicomlakeBrowser-sqlLog li:first-child "
+                           "pre:has-text('%uploaded from the browser%')")
+    studies = page.locator(".jp-DicomlakeBrowser-study")
+    expect(studies).to_have_count(1)
+    assert "UPLOADED FROM THE BROWSER" in studies.inner_text()
+    shot(page, "10-upload")
+
+
 def test_browse_from_a_notebook(page, servers):
     notebook = {"cells": [{"cell_type": "code", "execution_count": None, "metadata": {},
                            "outputs": [], "source": ["import dicomlake\n",
@@ -178,4 +220,4 @@ def test_browse_from_a_notebook(page, servers):
     modalities = page.locator(
         ".jp-OutputArea .jp-DicomlakeBrowser-study td:nth-child(4)").all_inner_texts()
     assert modalities and all("MR" in m for m in modalities)
-    shot(page, "10-notebook-browse")
+    shot(page, "11-notebook-browse")

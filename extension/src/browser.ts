@@ -287,10 +287,10 @@ export class DatasetBrowser extends Widget {
     }
     const summary = job.summary ?? {};
     const count = job.check?.records[0];
+    await this.search();
     this._say(`upload ingested: ${summary.rows_written ?? 0} images written, ${summary.errors_recorded ?? 0} errors, ${summary.embedded ?? 0} embedded` +
       (count ? `; the lake now has ${count.instances} images in ${count.series} series from this upload` : '') +
       (summary.embed_error ? ` (embedding: ${summary.embed_error})` : ''));
-    await this.search();
   }
 
   private _formatMeta(meta: string): string {

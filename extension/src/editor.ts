@@ -1,4 +1,10 @@
-import { autocompletion, closeBrackets, completionKeymap } from '@codemirror/autocomplete';
+import {
+  autocompletion,
+  closeBrackets,
+  CompletionContext,
+  CompletionResult,
+  completionKeymap
+} from '@codemirror/autocomplete';
 import { defaultKeymap, history, historyKeymap } from '@codemirror/commands';
 import { SQLNamespace, StandardSQL, sql } from '@codemirror/lang-sql';
 import { bracketMatching, syntaxHighlighting } from '@codemirror/language';
@@ -106,6 +112,7 @@ export class SqlEditor extends Widget {
 
   /** Tables (`schema.table`) and their columns for completion. */
   setSchema(tables: { [table: string]: string[] }): void {
+    this._tables = tables;
     const schema: SQLNamespace = {};
     for (const [qualified, columns] of Object.entries(tables)) {
       const [schemaName, table] = qualified.split('.');
@@ -147,13 +154,44 @@ export class SqlEditor extends Widget {
   }
 
   private _sqlLanguage(schema: SQLNamespace) {
-    return sql({
-      dialect: StandardSQL,
-      schema,
-      defaultSchema: 'dicom',
-      upperCaseKeywords: true
-    });
+    return [
+      sql({ dialect: StandardSQL, schema, defaultSchema: 'dicom', upperCaseKeywords: true }),
+      StandardSQL.language.data.of({ autocomplete: this._columns })
+    ];
   }
+
+  /**
+   * Unqualified column names (`WHERE patient_na`), which lang-sql only completes after
+   * `table.`: the columns of the tables the statement names, or of every table if none.
+   */
+  private _columns = (context: CompletionContext): CompletionResult | null => {
+    const word = context.matchBefore(/\w+/);
+    if (!word || (word.from === word.to && !context.explicit)) {
+      return null;
+    }
+    const before = context.state.sliceDoc(Math.max(0, word.from - 1), word.from);
+    if (before === '.' || before === '"') {
+      return null;
+    }
+    const text = context.state.doc.toString().toLowerCase();
+    const named = Object.keys(this._tables).filter(t =>
+      new RegExp(`\\b${t.replace('.', '\\.')}\\b|\\b(from|join)\\s+${t.split('.')[1]}\\b`).test(text)
+    );
+    const tables = named.length ? named : Object.keys(this._tables);
+    const seen = new Set<string>();
+    const options = [];
+    for (const table of tables) {
+      for (const column of this._tables[table]) {
+        if (!seen.has(column)) {
+          seen.add(column);
+          options.push({ label: column, type: 'property', detail: table, boost: named.length ? 1 : 0 });
+        }
+      }
+    }
+    return { from: word.from, options, validFor: /^\w*$/ };
+  };
+
+  private _tables: { [table: string]: string[] } = {};
 
   private _view: EditorView;
   private _language = new Compartment();
