@@ -79,6 +79,22 @@ def public_message(message: str) -> str:
     return _INTERNAL_NAMES.sub(name, first).strip()
 
 
+_PYTHON_RAISE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def _python_worker_reason(text: str) -> tuple[str, str] | None:
+    """(exception class, message) of the last error a Python UDF/UDTF raised, if any.
+
+    Spark's own first line is only "An exception was thrown from the Python worker"; the
+    reason a user can act on (e.g. image_knn's "unknown SOPInstanceUID") is the traceback's
+    last ``Class: message`` line.
+    """
+    if "thrown from the Python worker" not in text:
+        return None
+    found = _PYTHON_RAISE.findall(text)
+    return found[-1] if found else None
+
+
 def query_error(exc: BaseException) -> QueryError:
     """A Spark failure as a Trino error (user errors for analysis problems)."""
     from pyspark.errors import PySparkException
@@ -91,6 +107,12 @@ def query_error(exc: BaseException) -> QueryError:
     base = condition.split(".", 1)[0]
     code = _SPARK_ERRORS.get(base)
     message = public_message(str(exc))
+    reason = _python_worker_reason(str(exc))
+    if reason is not None:
+        raiser, message = reason[0], public_message(reason[1])
+        # The project's own errors (bad k, unknown id, no codebook) are the user's to fix.
+        code = code or (E.GENERIC_USER_ERROR if raiser.startswith("dicomlake.")
+                        or raiser in ("ValueError", "KeyError") else None)
     if code is None:
         from pyspark.errors import AnalysisException, ParseException
 

@@ -314,3 +314,18 @@ def test_session_statements(translator):
     limited = ClientSession(properties={"query_max_run_time": "10m"})
     assert translator.timeout_for(limited, ANALYST) == 60  # never above the server limit
     assert translator.timeout_for(limited, ADMIN) == 600
+
+
+def test_python_worker_failures_report_the_raised_reason():
+    """image_knn failing inside Spark: the client sees image_knn's own message, as a user
+    error, not Spark's "An exception was thrown from the Python worker"."""
+    from dicomlake.sql import errors as E
+    from dicomlake.sql.engine import query_error
+
+    text = ("[PYTHON_EXCEPTION] An exception was thrown from the Python worker. Please see "
+            "the stack trace below.\nTraceback (most recent call last):\n  File \"knn.py\", "
+            "line 9, in eval\ndicomlake.udfs.errors.KnnError: image_knn: no image with "
+            "SOPInstanceUID '1.2.3'\n")
+    error = query_error(RuntimeError(text))
+    assert error.code == E.GENERIC_USER_ERROR
+    assert error.message == "image_knn: no image with SOPInstanceUID '1.2.3'"
