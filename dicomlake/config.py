@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DEFAULT_HOME = Path.home() / ".dicomlake"
 """Default root for the warehouse and scratch files (``$DICOMLAKE_HOME`` overrides it)."""
@@ -61,6 +62,32 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"dicomlake config file {path} is not valid TOML: {exc}") from exc
+
+
+def config_section(home: Path, section: str) -> dict[str, Any]:
+    """One ``[section]`` of the config file (``$DICOMLAKE_CONFIG`` or ``<home>/dicomlake.toml``).
+
+    Components with their own settings (``[similarity]``, ``[stream]``) read them through
+    this, so the file is found and its errors are reported the same way everywhere.
+    """
+    named = os.environ.get("DICOMLAKE_CONFIG")
+    path = Path(named).expanduser() if named else home / "dicomlake.toml"
+    if not path.is_file():
+        return {}
+    return dict(_read_toml(path).get(section, {}))
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def choice(kind: type[E], value: object, key: str) -> E:
+    """``value`` as a member of ``kind``; the error names the setting and the allowed values."""
+    try:
+        return kind(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in kind)
+        raise ValueError(f"dicomlake setting '{key}' is {value!r}; it must be one of: "
+                         f"{allowed}") from None
 
 
 def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings:

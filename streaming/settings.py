@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
-from dicomlake.config import Settings
+from dicomlake.config import Settings, config_section
 
 BAD_MESSAGE = "bad_message"
 """``dicom.errors.error_kind`` for a message that is not a dicomlake upload (wrong schema)."""
@@ -89,12 +87,7 @@ class StreamSettings:
 
 def load_stream(settings: Settings) -> StreamSettings:
     """Read ``[stream]`` from the config file and the environment."""
-    named = os.environ.get("DICOMLAKE_CONFIG")
-    path = Path(named).expanduser() if named else settings.home / "dicomlake.toml"
-    data: dict[str, Any] = {}
-    if path.is_file():
-        with path.open("rb") as fh:
-            data = dict(tomllib.load(fh).get("stream", {}))
+    data = config_section(settings.home, "stream")
     known = {f.name: f for f in fields(StreamSettings)}
     unknown = set(data) - set(known)
     if unknown:

@@ -19,13 +19,11 @@ They live in the ``[similarity]`` section of the same TOML file as the core sett
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-from dicomlake.config import Settings
+from dicomlake.config import Settings, choice, config_section
 
 
 class CodeStoreKind(StrEnum):
@@ -88,26 +86,12 @@ class SimilaritySettings:
                        hbase=replace(self.hbase, **hbase))
 
 
-def _config_data(home: Path) -> dict[str, Any]:
-    named = os.environ.get("DICOMLAKE_CONFIG")
-    path = Path(named).expanduser() if named else home / "dicomlake.toml"
-    if not path.is_file():
-        return {}
-    with path.open("rb") as fh:
-        return tomllib.load(fh)
-
-
 def load_similarity(settings: Settings) -> SimilaritySettings:
     """Read ``[similarity]`` from the config file and the environment."""
-    data = dict(_config_data(settings.home).get("similarity", {}))
+    data = config_section(settings.home, "similarity")
     hb = dict(data.pop("hbase", {}))
     store = os.environ.get("DICOMLAKE_CODE_STORE", data.pop("code_store", "delta"))
-    try:
-        kind = CodeStoreKind(str(store).lower())
-    except ValueError:
-        allowed = ", ".join(k.value for k in CodeStoreKind)
-        raise ValueError(f"dicomlake setting 'similarity.code_store' is {store!r}; it must be "
-                         f"one of: {allowed}") from None
+    kind = choice(CodeStoreKind, store, "similarity.code_store")
     for key in ("host", "emulator"):
         env = os.environ.get(f"DICOMLAKE_HBASE_{key.upper()}")
         if env:
@@ -116,12 +100,7 @@ def load_similarity(settings: Settings) -> SimilaritySettings:
         hb["port"] = int(os.environ["DICOMLAKE_HBASE_PORT"])
     configured = data.pop("backend", "onnx")
     backend = os.environ.get("DICOMLAKE_EMBED_BACKEND") or configured
-    try:
-        model = ModelBackend(str(backend).lower())
-    except ValueError:
-        allowed = ", ".join(k.value for k in ModelBackend)
-        raise ValueError(f"dicomlake setting 'similarity.backend' is {backend!r}; it must be "
-                         f"one of: {allowed}") from None
+    model = choice(ModelBackend, backend, "similarity.backend")
     known = set(SimilaritySettings.__dataclass_fields__) - {"code_store", "backend", "hbase"}
     unknown = set(data) - known
     if unknown:
