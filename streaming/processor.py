@@ -99,6 +99,8 @@ class LakeWriter:
         self._uids_version = -2
         self._book: Codebook | None = None
         self._book_version = -2
+        self._codes: set[tuple[str, int, int]] = set()
+        self._codes_version = -2
         self._schemas: dict[str, pa.Schema] = {}
         self._embedder: Any = None
 
@@ -142,6 +144,35 @@ class LakeWriter:
         self._uids = dict(zip(data.column("sop_instance_uid").to_pylist(),
                               data.column("source").to_pylist(), strict=True))
         self._uids_version = table.version()
+
+    def _code_keys(self) -> set[tuple[str, int, int]]:
+        """(uid, frame, codebook version) of every stored code, re-read when the table moves.
+
+        Codes are de-duplicated by key, not only by the per-partition transaction ids: the
+        catch-up encoder commits codes for replayed records without those ids, so after a
+        crash the ids alone would let the replay write the same codes again.
+        """
+        table = self._table(CODES)
+        if table.version() != self._codes_version:
+            data = table.to_pyarrow_table(columns=["sop_instance_uid", "frame",
+                                                   "codebook_version"])
+            self._codes = set(zip(data.column("sop_instance_uid").to_pylist(),
+                                  data.column("frame").to_pylist(),
+                                  data.column("codebook_version").to_pylist(), strict=True))
+            self._codes_version = table.version()
+        return self._codes
+
+    def _new_codes(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        have = self._code_keys()
+        return [r for r in rows
+                if (r["sop_instance_uid"], r["frame"], r["codebook_version"]) not in have]
+
+    def _codes_committed(self, rows: list[dict[str, Any]], version: int) -> None:
+        if version != self._codes_version + 1:
+            return  # someone else committed in between: re-read on the next call
+        self._codes.update((r["sop_instance_uid"], r["frame"], r["codebook_version"])
+                           for r in rows)
+        self._codes_version = version
 
     def codebook(self) -> Codebook | None:
         """The current codebook (re-read when ``dicom.codebooks`` changes)."""
@@ -355,9 +386,13 @@ class LakeWriter:
         self._send_dead(dead, done[ERRORS])
         for table in COMMIT_ORDER:
             rows = [row for p, off, row in out.rows[table] if off >= done[table][p]]
+            if table == CODES:
+                rows = self._new_codes(rows)
             if not rows and table != INSTANCES:
                 continue
             version = self._commit(table, rows, ends, "STREAM")
+            if table == CODES:
+                self._codes_committed(rows, version)
             self.counts[table] += len(rows)
             if table == INSTANCES:
                 self._uids_version = version  # our own rows are already in self._uids
@@ -394,12 +429,7 @@ class LakeWriter:
         emb = self._table(EMBEDDINGS).to_pyarrow_table(
             columns=["sop_instance_uid", "frame", "model_version", "embedding"])
         emb = emb.filter(pc.equal(emb.column("model_version"), book.model_version))
-        have = self._table(CODES).to_pyarrow_table(
-            columns=["sop_instance_uid", "frame", "codebook_version"])
-        done = {(u, f) for u, f, v in zip(have.column("sop_instance_uid").to_pylist(),
-                                           have.column("frame").to_pylist(),
-                                           have.column("codebook_version").to_pylist(),
-                                           strict=True) if v == book.version}
+        done = {(u, f) for u, f, v in self._code_keys() if v == book.version}
         keys = list(zip(emb.column("sop_instance_uid").to_pylist(),
                         emb.column("frame").to_pylist(), strict=True))
         idx = [i for i, k in enumerate(keys) if k not in done]
@@ -412,7 +442,7 @@ class LakeWriter:
         rows = [{"sop_instance_uid": u, "frame": f, "codebook_version": book.version,
                  "list_id": int(lists[i]), "code": codes[i].tobytes()}
                 for i, (u, f) in enumerate(keys[j] for j in idx)]
-        self._commit(CODES, rows, {}, "STREAM-CATCH-UP")
+        self._codes_committed(rows, self._commit(CODES, rows, {}, "STREAM-CATCH-UP"))
         self.counts[CODES] += len(rows)
 
     def maybe_train(self) -> bool:
