@@ -4,7 +4,9 @@ One process builds a small lake, starts the SQL service on loopback over its Spa
 and measures the same small metadata query (``SHOW TABLES FROM dicom``) two ways: through the
 endpoint with the real ``trino`` Python client (in a separate process, so client and server
 do not share a GIL), and directly on the same Spark session with the Spark SQL the
-translator produced. ``overhead_ms`` is the p50 difference. ``rows_per_second`` streams a
+translator produced. The two alternate in rounds: the JVM keeps getting faster for minutes
+after start, and measuring one side first would hand the other the warmer JVM.
+``overhead_ms`` is the p50 difference. ``rows_per_second`` streams a
 1M-row result through the Python client.
 """
 
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 METADATA_QUERY = "SHOW TABLES FROM dicom"
 STREAM_QUERY = "SELECT id, id * 2 AS twice, CAST(id AS VARCHAR) AS s FROM range({rows})"
@@ -26,25 +29,33 @@ _PASSWORD = "bench password"
 _CLIENT = r"""
 import json, sys, time, trino
 from trino.auth import BasicAuthentication
-port, queries, password, metadata_sql, stream_sql = sys.argv[1:6]
+port, password = sys.argv[1:3]
 conn = trino.dbapi.connect(host="127.0.0.1", port=int(port), user="bench", http_scheme="http",
                            auth=BasicAuthentication("bench", password), allow_insecure_auth=True,
                            catalog="dicomlake", schema="dicom")
 cur = conn.cursor()
-for _ in range(3):
-    cur.execute(metadata_sql); cur.fetchall()
-times = []
-for _ in range(int(queries)):
-    t = time.perf_counter(); cur.execute(metadata_sql); cur.fetchall()
-    times.append((time.perf_counter() - t) * 1000)
-t = time.perf_counter(); cur.execute(stream_sql); n = 0
-while True:
-    rows = cur.fetchmany(10000)
-    if not rows:
-        break
-    n += len(rows)
-print(json.dumps({"times": times, "rows": n, "seconds": time.perf_counter() - t}))
+for line in sys.stdin:
+    command, count, sql = line.rstrip("\n").split(" ", 2)
+    if command == "time":
+        times = []
+        for _ in range(int(count)):
+            t = time.perf_counter(); cur.execute(sql); cur.fetchall()
+            times.append((time.perf_counter() - t) * 1000)
+        print(json.dumps({"times": times}), flush=True)
+    else:
+        t = time.perf_counter(); cur.execute(sql); n = 0
+        while True:
+            rows = cur.fetchmany(int(count))
+            if not rows:
+                break
+            n += len(rows)
+        print(json.dumps({"rows": n, "seconds": time.perf_counter() - t}), flush=True)
 """
+"""The client process: reads ``time N SQL`` / ``stream BATCH SQL`` lines, answers JSON lines."""
+
+ROUNDS = 10
+"""Endpoint and direct timings alternate in this many rounds, so JVM warm-up and machine
+noise fall on both sides alike."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -81,31 +92,44 @@ def run(*, queries: int = 50, rows: int = 1_000_000) -> dict[str, object]:
             try:
                 port = server.url.rsplit(":", 1)[1]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-                out = subprocess.run(
-                    [sys.executable, "-c", _CLIENT, port, str(queries), _PASSWORD,
-                     METADATA_QUERY, STREAM_QUERY.format(rows=rows)],
-                    check=True, capture_output=True, text=True, env=env).stdout
-                client = json.loads(out.strip().splitlines()[-1])
                 plan = server.manager.translator.plan(
                     METADATA_QUERY, ClientSession(catalog="dicomlake", schema="dicom"),
                     Principal("bench", Role.ADMIN))
                 direct_sql = plan.spark_sql
                 assert direct_sql is not None
-                for _ in range(3):
-                    spark.sql(direct_sql).collect()
-                direct = []
-                for _ in range(queries):
-                    started = time.perf_counter()
-                    spark.sql(direct_sql).collect()
-                    direct.append((time.perf_counter() - started) * 1000)
+                with subprocess.Popen(
+                        [sys.executable, "-c", _CLIENT, port, _PASSWORD], env=env, text=True,
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+                    def ask(line: str) -> dict[str, Any]:
+                        assert proc.stdin is not None and proc.stdout is not None
+                        proc.stdin.write(line + "\n")
+                        proc.stdin.flush()
+                        answer = proc.stdout.readline()
+                        if not answer:
+                            raise RuntimeError("the benchmark's trino client process died")
+                        return json.loads(answer)
+
+                    ask(f"time 3 {METADATA_QUERY}")
+                    for _ in range(3):
+                        spark.sql(direct_sql).collect()
+                    times, direct = [], []
+                    per_round = max(1, queries // ROUNDS)
+                    for _ in range(ROUNDS):
+                        times += ask(f"time {per_round} {METADATA_QUERY}")["times"]
+                        for _ in range(per_round):
+                            started = time.perf_counter()
+                            spark.sql(direct_sql).collect()
+                            direct.append((time.perf_counter() - started) * 1000)
+                    client = ask(f"stream 10000 {STREAM_QUERY.format(rows=rows)}")
+                    assert proc.stdin is not None
+                    proc.stdin.close()
             finally:
                 server.shutdown(stop_spark=False)
         finally:
             spark.stop()
-    times = client["times"]
     p50, direct_p50 = statistics.median(times), statistics.median(direct)
     return {
-        "queries": queries,
+        "queries": len(times),
         "query": METADATA_QUERY,
         "p50_ms": round(p50, 2),
         "p95_ms": round(_percentile(times, 0.95), 2),

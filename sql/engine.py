@@ -156,27 +156,34 @@ class SparkEngine:
         sc = self.spark.sparkContext
         sc.setJobGroup(group, description[:200], interruptOnCancel=True)
         df = self.spark.sql(sql)
-        if is_query and row_limit is not None:
-            df = df.limit(row_limit + 1)
-        for old, new in (rename or {}).items():
-            if old in df.columns:
-                df = df.withColumnRenamed(old, new)
+        if rename and any(old in df.columns for old in rename):
+            df = df.withColumnsRenamed({old: new for old, new in rename.items()
+                                        if old in df.columns})
         df = self._arrow_ready(df)
         columns = [(f.name, f.dataType) for f in df.schema.fields]
         if not columns:
             return ResultStream([], iter(()))
-        if self._is_local(df) and not any(_has_timestamp(t) for _, t in columns):
-            # Constant and metadata results: Spark answers these without a job.
-            return ResultStream(columns, iter(()), rows=[tuple(r) for r in df.collect()])
         if not is_query:
+            if self._is_local(df) and not any(_has_timestamp(t) for _, t in columns):
+                return ResultStream(columns, iter(()), rows=[tuple(r) for r in df.collect()])
             return ResultStream(columns, self._batches(df))
-        # Most BI queries return a page or less: one job that collects at most SMALL_RESULT
-        # rows costs what a direct collect() costs, where the streaming iterator runs one job
-        # per partition. Only a result that does not fit is streamed (the query runs again).
-        head = df.limit(SMALL_RESULT + 1).toArrow()
-        if head.num_rows <= SMALL_RESULT:
-            return ResultStream(columns, iter(head.to_batches()))
-        return ResultStream(columns, self._batches(df))
+        # Every DataFrame step re-analyses the plan (milliseconds each through py4j), so the
+        # common case is one limited DataFrame, checked and collected as it is: a result of
+        # at most SMALL_RESULT rows costs what a direct collect() costs, where the streaming
+        # iterator runs one job per partition. Only a result that does not fit is streamed
+        # (the query runs again, stopped after row_limit + 1 rows).
+        head = df.limit(SMALL_RESULT + 1)
+        if self._is_local(head) and not any(_has_timestamp(t) for _, t in columns):
+            # Constant and metadata results: Spark answers these without a job.
+            rows = [tuple(r) for r in head.collect()]
+            if len(rows) <= SMALL_RESULT:
+                return ResultStream(columns, iter(()), rows=rows)
+        else:
+            table = head.toArrow()
+            if table.num_rows <= SMALL_RESULT:
+                return ResultStream(columns, iter(table.to_batches()))
+        limited = df if row_limit is None else df.limit(row_limit + 1)
+        return ResultStream(columns, self._batches(limited))
 
     @staticmethod
     def _is_local(df: DataFrame) -> bool:

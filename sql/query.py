@@ -151,8 +151,11 @@ class Query:
             self.columns = [column_json(name, data_type) for name, data_type in columns]
             self._cond.notify_all()
 
-    def put_page(self, fragment: bytes, rows: int) -> None:
+    def put_page(self, fragment: bytes, rows: int, *, last: bool = False) -> None:
         """Queue encoded rows; blocks while the client is behind.
+
+        ``last`` also ends the result in the same step, so a client woken by the final page
+        sees the query finished and needs no further round trip.
 
         Raises:
             QueryError: the query was cancelled meanwhile.
@@ -167,6 +170,7 @@ class Query:
             self._pages.append(fragment)
             self.rows += rows
             self.bytes += len(fragment)
+            self._producer_done = self._producer_done or last
             self._cond.notify_all()
 
     def finish(self) -> None:
@@ -302,7 +306,7 @@ class QueryManager:
                 converters = [column_converter_for(dt_) for _, dt_ in plan.columns]
                 if plan.rows:
                     fragment = _encode_rows(plan.rows, converters)
-                    query.put_page(fragment, len(plan.rows))
+                    query.put_page(fragment, len(plan.rows), last=True)
             query.finish()
             self._end(query, None)
             return query
@@ -345,21 +349,23 @@ class QueryManager:
             from pyspark.sql import types as T
 
             query.set_columns([("result", T.BooleanType())])
-            query.put_page(b"[true]", 1)
-            query.finish()
+            query.put_page(b"[true]", 1, last=True)
             return
         query.set_columns(result.columns)
         if result.rows is not None:
             rows = result.rows[:limit]
             if rows:
                 converters_ = [column_converter_for(t) for _, t in result.columns]
-                query.put_page(_encode_rows([list(r) for r in rows], converters_), len(rows))
+                query.put_page(_encode_rows([list(r) for r in rows], converters_), len(rows),
+                               last=len(result.rows) <= limit)
             if len(result.rows) > limit:
                 raise QueryError(E.GENERIC_INSUFFICIENT_RESOURCES,
                                  f"Query exceeded the result limit of {limit} rows")
             query.finish()
             return
         converters: list[Callable[[Any], list[Any]]] | None = None
+        # One page is held back until the next arrives, so the final one goes out marked last.
+        held: tuple[bytes, int] | None = None
         for batch in result.batches:
             if query.cancel_reason is not None:
                 raise query.cancel_reason
@@ -367,16 +373,23 @@ class QueryManager:
                 continue
             if converters is None:
                 converters = [column_converter(f.type) for f in batch.schema]
+            if held is not None:
+                query.put_page(*held)
+                held = None
             over = query.rows + batch.num_rows > limit
             if over:
                 batch = batch.slice(0, limit - query.rows)
             if batch.num_rows:
-                query.put_page(encode_batch(batch, converters), batch.num_rows)
+                held = (encode_batch(batch, converters), batch.num_rows)
             if over:
+                if held is not None:
+                    query.put_page(*held)
                 raise QueryError(E.GENERIC_INSUFFICIENT_RESOURCES,
                                  f"Query exceeded the result limit of {limit} rows; add a "
                                  "LIMIT or a narrower WHERE (the limit is the server's "
                                  "--max-rows setting)")
+        if held is not None:
+            query.put_page(*held, last=True)
         query.finish()
 
     def _describe_output(self, query: Query, sql: str) -> None:
@@ -389,7 +402,7 @@ class QueryManager:
         query.set_columns(_DESCRIBE_OUTPUT_COLUMNS)
         converters = [column_converter_for(t) for _, t in _DESCRIBE_OUTPUT_COLUMNS]
         if rows:
-            query.put_page(_encode_rows(rows, converters), len(rows))
+            query.put_page(_encode_rows(rows, converters), len(rows), last=True)
         query.finish()
 
     def _locate(self, query: Query, error: QueryError) -> None:

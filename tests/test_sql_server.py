@@ -504,3 +504,21 @@ def test_audit_log_records_statements_and_failed_logins(server):
     failed, _ = run(server, "root", "SELECT count(*) FROM system.audit_log "
                                     "WHERE event = 'login_failed' AND user = 'doc'")
     assert failed[0][0] >= 1
+
+
+def test_started_server_that_never_served_shuts_down(sql_home, spark, settings):
+    """Embedding code (benchmarks, notebooks) may start() a server and stop it without ever
+    serving; shutdown must not wait for a serve loop that never ran (it used to hang)."""
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.config import Settings
+    from dicomlake.sql.server import ServerConfig, SqlServer
+
+    server = SqlServer(Settings(home=sql_home, spark=settings.spark), ServerConfig(port=0),
+                       spark).start()
+    done = threading.Event()
+    stopper = threading.Thread(
+        target=lambda: (server.shutdown(stop_spark=False), done.set()), daemon=True)
+    stopper.start()
+    stopper.join(60)
+    Warehouse(settings.warehouse_path).register(spark)
+    assert done.is_set(), "SqlServer.shutdown() hung waiting for serve_forever"
