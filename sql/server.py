@@ -92,16 +92,35 @@ class _HttpServer(ThreadingHTTPServer):
     request_queue_size = 128
     app: SqlServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Dropped connections and failed TLS handshakes are the client's business."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %s", client_address, sys.exc_info()[1])
+            return
+        log.exception("request from %s failed", client_address)
+
 
 class TrinoRequestHandler(BaseHTTPRequestHandler):
     """One HTTP request of the Trino client protocol."""
 
     protocol_version = "HTTP/1.1"
+    timeout = 120
+    """Seconds a connection may sit idle (keep-alive, or a stalled TLS handshake) before its
+    thread gives up on it."""
     disable_nagle_algorithm = True
     """Headers and body go out in separate writes; with Nagle on, the body waits for the
     client's delayed ACK of the headers (40 ms on Linux), which dominated small queries."""
     server: _HttpServer  # type: ignore[assignment]
     server_version = "dicomlake-sql"
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            # The listener does not handshake on accept (a silent client would stall every
+            # other one there); each connection handshakes here, in its own thread.
+            self.connection.do_handshake()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -346,7 +365,8 @@ class SqlServer:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
-            http.socket = context.wrap_socket(http.socket, server_side=True)
+            http.socket = context.wrap_socket(http.socket, server_side=True,
+                                              do_handshake_on_connect=False)
         http.app = self
         self._http = http
         self.started = time.monotonic()

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -522,3 +523,69 @@ def test_started_server_that_never_served_shuts_down(sql_home, spark, settings):
     stopper.join(60)
     Warehouse(settings.warehouse_path).register(spark)
     assert done.is_set(), "SqlServer.shutdown() hung waiting for serve_forever"
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_end_to_end(sql_home, spark, settings, tmp_path, monkeypatch):
+    """With a certificate the endpoint speaks HTTPS: the trino client verifies it and logs
+    in; a plain-HTTP request to the TLS port gets no answer."""
+    # requests lets these variables override a session's own CA file (psf/requests#3829)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.config import Settings
+    from dicomlake.sql.server import ServerConfig, SqlServer
+
+    cert, key = _self_signed(tmp_path)
+    server = SqlServer(Settings(home=sql_home, spark=settings.spark),
+                       ServerConfig(port=0, tls_cert=cert, tls_key=key), spark)
+    server.start().serve_in_thread()
+    silent = None
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        # a client that connects and never handshakes must not hold up the others
+        silent = socket.create_connection(("127.0.0.1", _port(server.url)))
+        conn = trino.dbapi.connect(
+            host="127.0.0.1", port=_port(server.url), user="doc", http_scheme="https",
+            auth=BasicAuthentication("doc", PASSWORDS["doc"]), verify=str(cert),
+            catalog="dicomlake", schema="dicom")
+        cursor = conn.cursor()
+        cursor.execute("SELECT count(*) FROM instances WHERE modality = 'CT'")
+        assert cursor.fetchall()[0][0] > 0
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{_port(server.url)}/v1/info", timeout=10)
+        with pytest.raises(requests.exceptions.SSLError):  # an unknown certificate is refused
+            requests.get(f"{server.url}/v1/info", timeout=10)
+    finally:
+        if silent is not None:
+            silent.close()
+        server.shutdown(stop_spark=False)
+        Warehouse(settings.warehouse_path).register(spark)
