@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from dicomlake.config import load_settings
+from dicomlake.config import Settings, load_settings
 
 
 def _read_password(password_stdin: bool) -> str:
@@ -32,8 +32,12 @@ def _read_password(password_stdin: bool) -> str:
               help="Per-query time limit in seconds (queue time included).")
 @click.option("--max-rows", default=5_000_000, show_default=True,
               help="Largest result a query may return.")
+@click.option("--with-stream", is_flag=True,
+              help="Also run the upload stream (broker + Flink job) while serving; it is "
+                   "stopped with the server unless it was already running.")
 def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
-          max_concurrent: int, timeout_seconds: float, max_rows: int) -> None:
+          max_concurrent: int, timeout_seconds: float, max_rows: int,
+          with_stream: bool) -> None:
     """Serve the lake over the Trino protocol (trino CLI, JDBC, Python, BI tools)."""
     from dicomlake.console import start_session
     from dicomlake.sql.errors import SqlServiceError
@@ -54,12 +58,14 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
         raise click.ClickException(
             f"no SQL users in {UserStore(settings.home).path}; create one first: "
             "`dicomlake user add admin --role admin`")
+    owns_stream = _start_stream(settings) if with_stream else False
     settings, spark = start_session(settings)
     server = SqlServer(settings, config, spark)
     try:
         server.start()
     except (SqlServiceError, OSError) as exc:
         spark.stop()
+        _stop_stream(settings, owns_stream)
         raise click.ClickException(str(exc)) from exc
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -71,6 +77,29 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
     click.echo("shutting down: cancelling queries, flushing the audit log", err=True)
     server.shutdown(stop_spark=False)
     spark.stop()
+    _stop_stream(settings, owns_stream)
+
+
+def _start_stream(settings: Settings) -> bool:
+    """Start the upload stream; True if this call started it (so serve stops it too)."""
+    from dicomlake.streaming.runner import StreamError, start
+
+    click.echo("starting the upload stream (broker + Flink job)...", err=True)
+    try:
+        info = start(settings)
+    except (StreamError, RuntimeError) as exc:
+        raise click.ClickException(f"--with-stream: {exc}") from exc
+    click.echo(f"upload stream {'already running' if info['already_running'] else 'started'}:"
+               f" Kafka at {info['bootstrap']}, job pid {info['job_pid']}", err=True)
+    return not info["already_running"]
+
+
+def _stop_stream(settings: Settings, owned: bool) -> None:
+    if owned:
+        from dicomlake.streaming.runner import stop
+
+        click.echo("stopping the upload stream", err=True)
+        stop(settings)
 
 
 @click.group()
