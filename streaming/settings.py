@@ -55,7 +55,7 @@ class StreamSettings:
     """``host:port`` of a Flink cluster's REST endpoint; empty runs a local mini cluster."""
     parallelism: int = 1
     checkpoint_interval_ms: int = 2000
-    tick_ms: int = 200
+    tick_ms: int = 100
     """How often each shard polls Kafka (the tick source's rate)."""
     max_records: int = 64
     """Messages taken per partition per tick (bounds the work between checkpoints)."""
