@@ -78,11 +78,11 @@ class DeltaCodeStore:
         return read_columns(self.table_path, list(CODE_COLUMNS)).drop_columns(["_file"])
 
     def generation(self) -> str:
-        from deltalake import DeltaTable
+        """The table version ("-1" without a table), from a listing of its log: asked once
+        per ``image_knn`` task, so it must not replay the log (see ``udfs.deltalog``)."""
+        from dicomlake.udfs.deltalog import latest_version
 
-        if not DeltaTable.is_deltatable(str(self.table_path)):
-            return "empty"
-        return str(DeltaTable(str(self.table_path)).version())
+        return str(latest_version(self.table_path))
 
 
 def open_store(warehouse_path: str | Path, similarity: SimilaritySettings) -> CodeStore:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from dicomlake.udfs import pq
-from dicomlake.udfs.codestore import check_versions, open_store
+from dicomlake.udfs.codestore import CODE_COLUMNS, CODES, DeltaCodeStore, check_versions, open_store
+from dicomlake.udfs.deltalog import appended_files, latest_version
 from dicomlake.udfs.errors import CodebookError, KnnError
 from dicomlake.udfs.search import CodeIndex
 from dicomlake.udfs.search import refine as refine_rows
@@ -37,23 +38,76 @@ KNN_DDL = "rank int, sop_instance_uid string, frame int, distance double"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def _table_version(path: Path) -> int:
-    from deltalake import DeltaTable
-
-    if not DeltaTable.is_deltatable(str(path)):
-        return -1
-    return DeltaTable(str(path)).version()
-
-
 def _vectors(table: Any) -> np.ndarray:
     col = table.column("embedding").combine_chunks()
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return flat.reshape(table.num_rows, -1) if table.num_rows else np.zeros((0, 0), np.float32)
 
 
+def _read_files(table_path: Path, files: list[str], columns: list[str]) -> Any:
+    """``columns`` of the given data files of a table, concatenated (None when no files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(table_path / rel, columns=columns) for rel in files]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _read_snapshot(table_path: Path, columns: list[str]) -> tuple[int, Any]:
+    """(version, ``columns`` of that version's active files); (-1, None) without a table.
+
+    The version is the one actually read, so a later :func:`appended_files` from it neither
+    misses nor repeats a commit that landed while reading.
+    """
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(str(table_path)):
+        return -1, None
+    table = DeltaTable(str(table_path))
+    files = [str(f) for f in table.get_add_actions(flatten=True).column("path").to_pylist()]
+    return table.version(), _read_files(table_path, files, columns)
+
+
+@dataclass
+class _Cached:
+    """Rows of one table as of ``version``, kept so a commit that only appends costs just
+    reading its new files."""
+
+    version: int = -2
+    rows: Any = None  # pa.Table | None
+
+    def advance(self, table_path: Path, version: int, columns: list[str]) -> bool:
+        """Bring ``rows`` to ``version``; True if they changed. Appends when the commits in
+        between only added files, else reads the whole snapshot again."""
+        import pyarrow as pa
+
+        if version == self.version:
+            return False
+        added = (appended_files(table_path, self.version, version)
+                 if self.version >= 0 and self.rows is not None else None)
+        if added is None:
+            self.version, self.rows = _read_snapshot(table_path, columns)
+            return True
+        new = _read_files(table_path, added, columns)
+        if new is not None:
+            self.rows = pa.concat_tables([self.rows, new.cast(self.rows.schema)])
+        self.version = version
+        return True
+
+
+_EMB_COLUMNS = ["sop_instance_uid", "frame", "model_version", "embedding"]
+
+
 @dataclass
 class Searcher:
-    """Everything one worker needs to answer queries, refreshed when tables change."""
+    """Everything one worker needs to answer queries, refreshed when tables change.
+
+    The stream appends to ``dicom.codes`` and ``dicom.embeddings`` several times a second, and
+    every query task checks for changes, so a check lists the Delta logs instead of opening
+    the tables, and a change that only appended reads only the new files (see
+    :mod:`~dicomlake.udfs.deltalog`). Anything else (a new codebook, ``embed --replace``, the
+    HBase store) reloads everything.
+    """
 
     home: Path
     warehouse: Path
@@ -65,6 +119,8 @@ class Searcher:
     exact_rows: np.ndarray | None = None
     emb_keys: dict[tuple[str, int], int] = field(default_factory=dict)
     _filters: dict[str, np.ndarray] = field(default_factory=dict)
+    _codes: _Cached = field(default_factory=_Cached)
+    _emb: _Cached = field(default_factory=_Cached)
 
     def _path(self, table: str) -> Path:
         return self.warehouse / "dicom" / table
@@ -72,17 +128,26 @@ class Searcher:
     def refresh(self) -> None:
         """Reload the codebook, codes and exact vectors if any of them changed."""
         store = open_store(self.warehouse, self.similarity)
-        stamps = {"book": _table_version(self._path(pq.CODEBOOKS)),
+        delta_codes = isinstance(store, DeltaCodeStore)
+        stamps = {"book": latest_version(self._path(pq.CODEBOOKS)),
                   "codes": (store.name, store.generation()),
-                  "emb": _table_version(self._path("embeddings"))}
+                  "emb": latest_version(self._path("embeddings"))}
         if stamps == self._stamps and self.index is not None:
             return
-        self.book = pq.latest(self._path(pq.CODEBOOKS))
+        if stamps["book"] != self._stamps.get("book") or self.book is None:
+            self.book = pq.latest(self._path(pq.CODEBOOKS))
+            self._codes, self._emb = _Cached(), _Cached()  # codes of another book: reload
         if self.book is None:
             raise CodebookError(
                 f"image_knn: no PQ codebook yet in {self._path(pq.CODEBOOKS)}; run "
                 "`dicomlake embed` (it trains one once images are embedded)")
-        codes = store.load()
+        if delta_codes:
+            self._codes.advance(self._path(CODES), int(store.generation()), list(CODE_COLUMNS))
+            codes = self._codes.rows
+            if codes is None:
+                codes = store.load()
+        else:
+            codes = store.load()
         check_versions(codes, self.book.version, store.name)
         n = codes.num_rows
         raw = b"".join(codes.column("code").to_pylist()) if n else b""
@@ -92,24 +157,24 @@ class Searcher:
             np.asarray(codes.column("frame").to_numpy(zero_copy_only=False), np.int32),
             code_arr, np.asarray(codes.column("list_id").to_numpy(zero_copy_only=False),
                                  np.int32))
-        self._load_exact()
+        self._load_exact(int(stamps["emb"]))  # type: ignore[call-overload]
         self._filters.clear()
         self._stamps = stamps
 
-    def _load_exact(self) -> None:
-        from dicomlake.catalog.delta import read_columns
+    def _load_exact(self, version: int) -> None:
+        import pyarrow.compute as pc
 
         assert self.index is not None and self.book is not None
-        emb = read_columns(self._path("embeddings"),
-                           ["sop_instance_uid", "frame", "model_version", "embedding"])
-        if emb.num_rows:
-            import pyarrow.compute as pc
-
+        self._emb.advance(self._path("embeddings"), version, _EMB_COLUMNS)
+        emb = self._emb.rows
+        if emb is None or not emb.num_rows:
+            self.emb_keys, self.exact = {}, None
+        else:
             emb = emb.filter(pc.equal(emb.column("model_version"), self.book.model_version))
-        self.emb_keys = {(u, int(f)): i for i, (u, f) in enumerate(zip(
-            emb.column("sop_instance_uid").to_pylist(), emb.column("frame").to_pylist(),
-            strict=True))}
-        self.exact = _vectors(emb) if emb.num_rows else None
+            self.emb_keys = {(u, int(f)): i for i, (u, f) in enumerate(zip(
+                emb.column("sop_instance_uid").to_pylist(), emb.column("frame").to_pylist(),
+                strict=True))}
+            self.exact = _vectors(emb) if emb.num_rows else None
         self.exact_rows = np.array(
             [self.emb_keys.get((u, int(f)), -1) for u, f in zip(
                 self.index.ids.tolist(), self.index.frames.tolist(), strict=True)],
@@ -174,10 +239,12 @@ class Searcher:
         return self.book.check_vectors(vec, "image_knn query image")[0]
 
     def search(self, query: Any, k: int, *, nprobe: int | None = None,
-               refine: int | None = None, filter_text: str | None = None, frame: int = 0
-               ) -> list[tuple[int, str, int, float]]:
-        """Ranked (rank, sop_instance_uid, frame, distance) rows."""
-        self.refresh()
+               refine: int | None = None, filter_text: str | None = None, frame: int = 0,
+               refresh: bool = True) -> list[tuple[int, str, int, float]]:
+        """Ranked (rank, sop_instance_uid, frame, distance) rows (``refresh=False``: the
+        caller refreshed already, e.g. once for a whole query task)."""
+        if refresh or self.index is None:
+            self.refresh()
         assert self.index is not None
         vec = self.query_vector(query, frame)
         nprobe = self.similarity.nprobe if nprobe is None else nprobe
@@ -210,7 +277,15 @@ def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings) -> type
     """The UDTF handler class bound to one lake (the class is pickled to the workers)."""
 
     class ImageKnn:
-        """Python UDTF handler for ``image_knn``."""
+        """Python UDTF handler for ``image_knn``.
+
+        Spark makes one handler per task: the tables are checked for changes on the task's
+        first row only, so a task answers all its rows from one state of the lake, and a
+        LATERAL query over many rows does not pay a check per row.
+        """
+
+        def __init__(self) -> None:
+            self._searcher: Searcher | None = None
 
         def eval(self, query: Any, k: int = 10, nprobe: int | None = None,
                  refine: int | None = None, filter: str | None = None,
@@ -220,8 +295,12 @@ def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings) -> type
             if query is None:
                 raise KnnError("image_knn: query is NULL; pass a SOPInstanceUID, an image "
                                "path or an embedding")
-            yield from searcher(home, warehouse, similarity).search(
+            if self._searcher is None:
+                found = searcher(home, warehouse, similarity)
+                found.refresh()
+                self._searcher = found
+            yield from self._searcher.search(
                 query, int(k), nprobe=nprobe, refine=refine, filter_text=filter,
-                frame=int(frame or 0))
+                frame=int(frame or 0), refresh=False)
 
     return ImageKnn
