@@ -113,7 +113,8 @@ def build(args: dict[str, Any]) -> StreamExecutionEnvironment:
     config.set_string("execution.checkpointing.externalized-checkpoint-retention",
                       "RETAIN_ON_CANCELLATION")
     config.set_string("execution.checkpointing.num-retained", "2")
-    config.set_string("python.fn-execution.bundle.time", "100")
+    # a tick waits in the bundle up to this long before the Python function sees it
+    config.set_string("python.fn-execution.bundle.time", "50")
     if args.get("restore"):
         config.set_string("execution.state-recovery.path", args["restore"])
     if stream.jobmanager:

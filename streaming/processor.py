@@ -48,6 +48,8 @@ SCHEMA = "dicom"
 INSTANCES, ERRORS, EMBEDDINGS, PIXEL_ERRORS, CODES = (
     "instances", "errors", "embeddings", "pixel_errors", "codes")
 COMMIT_ORDER = (ERRORS, PIXEL_ERRORS, EMBEDDINGS, CODES, INSTANCES)
+CHECKPOINT_EVERY = 100
+"""Write a Delta checkpoint every this many versions of a table the stream appends to."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class LakeWriter:
         self._codes_version = -2
         self._schemas: dict[str, pa.Schema] = {}
         self._embedder: Any = None
+        self._tables: dict[str, Any] = {}
 
     # -- tables -------------------------------------------------------------------------
     def path(self, table: str) -> Path:
@@ -112,13 +115,26 @@ class LakeWriter:
         return f"dicomlake-stream/{self.epoch}/{self.stream.topic}/{partition}"
 
     def _table(self, table: str) -> Any:
+        """The table at its newest version.
+
+        Kept open and brought up to date with ``update_incremental`` (reads only the commits
+        since, a few ms) rather than opened per call: opening replays the whole log, 20-80 ms
+        per table after a few dozen commits and growing, and a batch asks about every table
+        twice (what is committed, then to commit), which made commits the slowest part of
+        an upload's way to ``dicom.instances``.
+        """
         from deltalake import DeltaTable
 
+        cached = self._tables.get(table)
+        if cached is not None:
+            cached.update_incremental()
+            return cached
         path = str(self.path(table))
         if not DeltaTable.is_deltatable(path):
             raise FileNotFoundError(f"table {SCHEMA}.{table} does not exist at {path}; "
                                     "`dicomlake stream start` creates it before the job runs")
-        return DeltaTable(path)
+        self._tables[table] = DeltaTable(path)
+        return self._tables[table]
 
     def schema(self, table: str) -> pa.Schema:
         import pyarrow as pa
@@ -363,7 +379,13 @@ class LakeWriter:
         target.create_write_transaction(actions, mode="append", schema=schema,
                                         commit_properties=props)
         target.update_incremental()
-        return target.version()
+        version = int(target.version())
+        if version % CHECKPOINT_EVERY == 0:
+            # Every reader that opens the table (Spark, image_knn's full reloads, a restarted
+            # job) replays the log from the newest checkpoint; the stream commits several
+            # times a second, so without checkpoints that replay grows without bound.
+            target.create_checkpoint()
+        return version
 
     def process(self, records: list[Record]) -> dict[int, int]:
         """Process records (any partitions, ascending offsets per partition); returns the
