@@ -10,7 +10,8 @@ already searchable.
 Exactly-once: every commit carries a Delta app transaction per Kafka partition
 (``dicomlake-stream/<epoch>/<topic>/<partition>`` = next offset). Before writing, rows of
 offsets a table already committed are dropped, so a replay after a crash (Flink restores an
-older checkpoint) adds nothing twice. ``instances`` is committed last, also when it gets no
+older checkpoint) adds nothing twice; a transaction version only ever moves forward, also
+when a replayed batch ends before what a table already holds. ``instances`` is committed last, also when it gets no
 rows, so its transaction versions say where every table is complete: the start offsets when
 the job has no state. The dead-letter topic is at-least-once (a record is re-sent only if the
 job died between sending it and committing ``dicom.errors``).
@@ -395,9 +396,10 @@ class LakeWriter:
         parts = sorted({r.partition for r in records})
         ends = {p: max(r.offset for r in records if r.partition == p) + 1 for p in parts}
         done = {t: self.committed(t, parts) for t in COMMIT_ORDER}
+        complete = {p: max(end, done[INSTANCES][p]) for p, end in ends.items()}
         todo = [r for r in records if r.offset >= done[INSTANCES][r.partition]]
         if not todo:
-            return ends
+            return complete
         self._refresh_uids()
         out = _Rows()
         images: list[tuple[Record, str, str, int, np.ndarray, bytes]] = []
@@ -412,7 +414,11 @@ class LakeWriter:
                 rows = self._new_codes(rows)
             if not rows and table != INSTANCES:
                 continue
-            version = self._commit(table, rows, ends, "STREAM")
+            # A restored checkpoint can replay records older than a table already holds;
+            # its transaction version must never move back, or the records after it would
+            # pass the filter above a second time.
+            table_ends = {p: max(end, done[table][p]) for p, end in ends.items()}
+            version = self._commit(table, rows, table_ends, "STREAM")
             if table == CODES:
                 self._codes_committed(rows, version)
             self.counts[table] += len(rows)
@@ -421,7 +427,7 @@ class LakeWriter:
         self.counts["dead_letters"] += len(dead)
         if self._book is None and self.counts[EMBEDDINGS]:
             self.maybe_train()
-        return ends
+        return complete
 
     def _send_dead(self, dead: list[tuple[Record, str, str]], committed: dict[int, int]) -> None:
         """Dead-letter records not yet in ``dicom.errors``; confirmed before the commit."""
