@@ -74,7 +74,7 @@ def retrieval_cmd(bases: int, as_json: bool) -> None:
 
 
 @bench.command("serve")
-@click.option("--queries", default=50, show_default=True, help="Metadata queries to time.")
+@click.option("--queries", default=200, show_default=True, help="Metadata queries to time.")
 @click.option("--rows", default=1_000_000, show_default=True, help="Rows in the streamed result.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def serve_cmd(queries: int, rows: int, as_json: bool) -> None:

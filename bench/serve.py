@@ -4,8 +4,8 @@ One process builds a small lake, starts the SQL service on loopback over its Spa
 and measures the same small metadata query (``SHOW TABLES FROM dicom``) two ways: through the
 endpoint with the real ``trino`` Python client (in a separate process, so client and server
 do not share a GIL), and directly on the same Spark session with the Spark SQL the
-translator produced. The two alternate in rounds: the JVM keeps getting faster for minutes
-after start, and measuring one side first would hand the other the warmer JVM.
+translator produced. The two alternate query by query: the JVM keeps getting faster for
+minutes after start, and measuring one side first would hand the other the warmer JVM.
 ``overhead_ms`` is the p50 difference. ``rows_per_second`` streams a
 1M-row result through the Python client.
 """
@@ -53,9 +53,8 @@ for line in sys.stdin:
 """
 """The client process: reads ``time N SQL`` / ``stream BATCH SQL`` lines, answers JSON lines."""
 
-ROUNDS = 10
-"""Endpoint and direct timings alternate in this many rounds, so JVM warm-up and machine
-noise fall on both sides alike."""
+WARMUP = 20
+"""Untimed queries on each side first: the JVM keeps compiling for a while after start."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -63,7 +62,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(*, queries: int = 50, rows: int = 1_000_000) -> dict[str, object]:
+def run(*, queries: int = 200, rows: int = 1_000_000) -> dict[str, object]:
     """Run the benchmark and return its result object."""
     from dicomlake.catalog.ingest import ingest
     from dicomlake.catalog.sample import Profile, make_sample
@@ -109,17 +108,18 @@ def run(*, queries: int = 50, rows: int = 1_000_000) -> dict[str, object]:
                             raise RuntimeError("the benchmark's trino client process died")
                         return json.loads(answer)
 
-                    ask(f"time 3 {METADATA_QUERY}")
-                    for _ in range(3):
+                    ask(f"time {WARMUP} {METADATA_QUERY}")
+                    for _ in range(WARMUP):
                         spark.sql(direct_sql).collect()
+                    # One query each way, alternately: a single query of this size varies
+                    # 100-250 ms on a small machine, and pairing them keeps drift and noise
+                    # out of the difference.
                     times, direct = [], []
-                    per_round = max(1, queries // ROUNDS)
-                    for _ in range(ROUNDS):
-                        times += ask(f"time {per_round} {METADATA_QUERY}")["times"]
-                        for _ in range(per_round):
-                            started = time.perf_counter()
-                            spark.sql(direct_sql).collect()
-                            direct.append((time.perf_counter() - started) * 1000)
+                    for _ in range(queries):
+                        times += ask(f"time 1 {METADATA_QUERY}")["times"]
+                        started = time.perf_counter()
+                        spark.sql(direct_sql).collect()
+                        direct.append((time.perf_counter() - started) * 1000)
                     client = ask(f"stream 10000 {STREAM_QUERY.format(rows=rows)}")
                     assert proc.stdin is not None
                     proc.stdin.close()
