@@ -11,10 +11,13 @@ Exactly-once: every commit carries a Delta app transaction per Kafka partition
 (``dicomlake-stream/<epoch>/<topic>/<partition>`` = next offset). Before writing, rows of
 offsets a table already committed are dropped, so a replay after a crash (Flink restores an
 older checkpoint) adds nothing twice; a transaction version only ever moves forward, also
-when a replayed batch ends before what a table already holds. ``instances`` is committed last, also when it gets no
-rows, so its transaction versions say where every table is complete: the start offsets when
-the job has no state. The dead-letter topic is at-least-once (a record is re-sent only if the
-job died between sending it and committing ``dicom.errors``).
+when a replayed batch ends before what a table already holds. ``instances`` is committed
+last, also when it gets no rows, so its transaction versions say where every table is
+complete: the start offsets when the job has no state. With the HBase code store
+(``similarity.code_store = "hbase"``) codes go there instead of ``dicom.codes``, under row
+keys derived from the image id, so a replayed code overwrites its own row. The dead-letter
+topic is at-least-once (a record is re-sent only if the job died between sending it and
+committing ``dicom.errors``).
 
 This module imports neither pyspark nor pyflink: it runs in the Flink venv and is tested on
 its own.
@@ -92,10 +95,12 @@ class LakeWriter:
         self.stream = stream
         self.epoch = epoch
         self.similarity = load_similarity(Settings(home=self.home, warehouse=self.warehouse))
-        if self.similarity.code_store is not CodeStoreKind.DELTA:
-            raise NotImplementedError(
-                "the streaming job writes PQ codes to the Delta code store only; set "
-                "similarity.code_store = \"delta\" or load HBase with `dicomlake embed`")
+        self._hbase: Any = None
+        if self.similarity.code_store is CodeStoreKind.HBASE:
+            from dicomlake.udfs.hbase import HBaseCodeStore
+
+            self._hbase = HBaseCodeStore(self.similarity.hbase)
+            self._hbase.check()
         self.dead_letter = dead_letter
         self.counts: Counter[str] = Counter()
         self._uids: dict[str, str] = {}
@@ -169,6 +174,11 @@ class LakeWriter:
         catch-up encoder commits codes for replayed records without those ids, so after a
         crash the ids alone would let the replay write the same codes again.
         """
+        if self._hbase is not None:  # read only when a codebook appears (catch-up)
+            data = self._hbase.load()
+            return set(zip(data.column("sop_instance_uid").to_pylist(),
+                           data.column("frame").to_pylist(),
+                           data.column("codebook_version").to_pylist(), strict=True))
         table = self._table(CODES)
         if table.version() != self._codes_version:
             data = table.to_pyarrow_table(columns=["sop_instance_uid", "frame",
@@ -410,6 +420,10 @@ class LakeWriter:
         self._send_dead(dead, done[ERRORS])
         for table in COMMIT_ORDER:
             rows = [row for p, off, row in out.rows[table] if off >= done[table][p]]
+            if table == CODES and self._hbase is not None:
+                # Row keys come from the image id: a replayed code overwrites its own row.
+                self.counts[table] += self._hbase.put_codes(rows)
+                continue
             if table == CODES:
                 rows = self._new_codes(rows)
             if not rows and table != INSTANCES:
@@ -470,7 +484,10 @@ class LakeWriter:
         rows = [{"sop_instance_uid": u, "frame": f, "codebook_version": book.version,
                  "list_id": int(lists[i]), "code": codes[i].tobytes()}
                 for i, (u, f) in enumerate(keys[j] for j in idx)]
-        self._codes_committed(rows, self._commit(CODES, rows, {}, "STREAM-CATCH-UP"))
+        if self._hbase is not None:
+            self._hbase.put_codes(rows)
+        else:
+            self._codes_committed(rows, self._commit(CODES, rows, {}, "STREAM-CATCH-UP"))
         self.counts[CODES] += len(rows)
 
     def maybe_train(self) -> bool:

@@ -146,20 +146,7 @@ class HBaseCodeStore:
             n = 0
             with tbl.batch(batch_size=500) as batch:
                 for rb in batches:
-                    cols = {c: rb.column(c).to_pylist() for c in rb.schema.names}
-                    for i in range(rb.num_rows):
-                        uid, frame = cols["sop_instance_uid"][i], cols["frame"][i]
-                        data = {
-                            b"MI:uid": uid.encode(), b"MI:frame": str(frame).encode(),
-                            b"MI:code": cols["code"][i],
-                            b"MI:cbv": str(cols["codebook_version"][i]).encode(),
-                            b"MI:list": str(cols["list_id"][i]).encode(),
-                            b"MI:gen": str(gen).encode(),
-                        }
-                        if cols.get("thumbnail") and cols["thumbnail"][i] is not None:
-                            data[b"MD:thumb"] = cols["thumbnail"][i]
-                        batch.put(row_key(image_id(uid, frame)), data)
-                        n += 1
+                    n += _put_rows(batch, rb.to_pylist(), gen)
             yield pa.RecordBatch.from_pydict({"rows": [n]})
 
         try:
@@ -170,6 +157,22 @@ class HBaseCodeStore:
                 f"{str(exc).splitlines()[0]}; readers still see generation "
                 f"{self._committed(table)} (nothing of this write is visible)") from exc
         table.put(META_ROW, {b"MI:committed": struct.pack(">q", gen)})
+        return written
+
+    def put_codes(self, rows: list[dict[str, Any]]) -> int:
+        """Write codes from one process (the stream job) and publish them at once.
+
+        Row keys are derived from the image id, so writing the same code again (a replay
+        after a crash) overwrites its row instead of adding one.
+        """
+        if not rows:
+            return 0
+        table = self._table()
+        gen = table.counter_inc(META_ROW, b"MI:next_gen")
+        with table.batch(batch_size=500) as batch:
+            written = _put_rows(batch, rows, gen)
+        if gen > self._committed(table):
+            table.put(META_ROW, {b"MI:committed": struct.pack(">q", gen)})
         return written
 
     def _scan_region(self, region: int, committed: int) -> dict[str, list[Any]]:
@@ -214,6 +217,21 @@ class HBaseCodeStore:
         row = self._table().row(row_key(image_id(sop_instance_uid, frame)),
                                 columns=[b"MD:thumb"])
         return row.get(b"MD:thumb")
+
+
+def _put_rows(batch: Any, rows: list[dict[str, Any]], gen: int) -> int:
+    """Queue one put per code row (``MI`` info and code, ``MD`` thumbnail when given)."""
+    for row in rows:
+        uid, frame = row["sop_instance_uid"], row["frame"]
+        data = {
+            b"MI:uid": uid.encode(), b"MI:frame": str(frame).encode(),
+            b"MI:code": row["code"], b"MI:cbv": str(row["codebook_version"]).encode(),
+            b"MI:list": str(row["list_id"]).encode(), b"MI:gen": str(gen).encode(),
+        }
+        if row.get("thumbnail") is not None:
+            data[b"MD:thumb"] = row["thumbnail"]
+        batch.put(row_key(image_id(uid, frame)), data)
+    return len(rows)
 
 
 def _empty() -> pa.Table:
