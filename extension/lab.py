@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import click
 
 from dicomlake.extension.identities import ANY_USER, Identity, IdentityMap, write_identity
+from dicomlake.processes import stop_processes
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -166,11 +167,4 @@ def run_lab(settings: Settings, *, sql_port: int = 8080, lab_port: int = 8888,
                 return ended[0].returncode or 1
         return 0
     finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in reversed(children):
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_processes(children, timeout=30)

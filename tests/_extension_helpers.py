@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from dicomlake.processes import stop_processes
 
 SQL_USER, SQL_PASSWORD = "lab", "lab password 1"
 ADMIN_USER, ADMIN_PASSWORD = "root", "root password 1"
@@ -70,15 +71,7 @@ def _free_port() -> int:
 
 
 def _stop_all() -> None:
-    for proc in reversed(_PROCS):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in reversed(_PROCS):
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_processes(_PROCS, timeout=60)
     _PROCS.clear()
     _SHARED.clear()
 

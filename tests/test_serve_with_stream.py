@@ -20,6 +20,7 @@ from trino.auth import BasicAuthentication
 
 from dicomlake.catalog.sample import Profile, make_sample
 from dicomlake.config import Settings
+from dicomlake.processes import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +84,8 @@ def test_serve_with_stream_serves_uploads_and_stops_the_stream(tmp_path):
                 time.sleep(1)
         assert found == [[uid, modality]], "the uploaded image never reached dicom.instances"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc], timeout=120)
+        if proc.returncode == -signal.SIGKILL:  # it never got to stop the stream itself
             runner.stop(settings)
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     after = runner.status(settings)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import requests
 import trino
 from trino.auth import BasicAuthentication
 from trino.exceptions import HttpError, TrinoQueryError, TrinoUserError
+
+from dicomlake.processes import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -74,12 +75,7 @@ def server(sql_home) -> str:
         lines = [x for x in log_path.read_text().splitlines() if " WARN " not in x]
         pytest.fail("dicomlake serve did not start:\n" + "\n".join(lines[-20:]))
     yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_processes([proc], timeout=90)
     log_file.close()
     assert proc.returncode == 0
 
