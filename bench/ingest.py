@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pyspark.sql.datasource import DataSource, DataSourceReader
 
 from dicomlake.catalog.dicom_source import DicomInputPartition, DicomOptions, plan_partitions
-from dicomlake.catalog.inputs import expand_paths, is_member_candidate, plan_sources
+from dicomlake.catalog.inputs import plan_sources
 from dicomlake.catalog.sample import Profile, make_sample
 from dicomlake.config import load_settings
 
@@ -59,7 +59,7 @@ class _BaselineReader(DataSourceReader):
 def _zipdcm_rows(archive: str) -> Iterator[tuple[str, str]]:
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
-            if is_member_candidate(info):
+            if not info.is_dir() and not info.filename.startswith("__MACOSX/"):
                 ds = dcmread(io.BytesIO(zf.read(info)), force=True)
                 yield f"{archive}!/{info.filename}", _to_json(ds)
 
@@ -125,7 +125,7 @@ def run(*, files: int = 2000, files_per_archive: int = 50, rounds: int = 2) -> d
     from dicomlake.console import start_session
 
     folder = sample_dir(files, files_per_archive)
-    n_files = len(expand_paths([str(folder)])) * files_per_archive
+    n_files = len(plan_sources([str(folder)])) * files_per_archive
     _, spark = start_session()
     spark.dataSource.register(ZipdcmBaselineDataSource)
     spark.dataSource.register(ExtractBaselineDataSource)

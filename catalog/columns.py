@@ -56,8 +56,9 @@ _PROMOTED_KEYS = {tag: f"{tag:08X}" for _, tag, _ in PROMOTED}
 
 
 def promoted_values(header: Header) -> dict[str, Any]:
-    """The typed columns of one instance, plus ``meta`` and the pixel data facts."""
-    from dicomlake.catalog.header import parse_da
+    """The typed columns of one instance, plus ``meta``, the pixel data facts and the
+    ``warnings`` of values that did not parse (a list of tag/keyword/value/reason)."""
+    from dicomlake.catalog.header import parse_da, value_warning
 
     values: dict[str, Any] = {}
     for name, tag, kind in PROMOTED:
@@ -68,8 +69,12 @@ def promoted_values(header: Header) -> dict[str, Any]:
         elif kind == "name":
             values[name] = first.get("Alphabetic") if isinstance(first, dict) else None
         elif kind == "date":
-            label = f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {name}"
-            values[name] = parse_da(first, label)
+            try:
+                values[name] = parse_da(first)
+            except ValueError as exc:  # kept as text in meta; NULL here, reported as warning
+                values[name] = None
+                header.warnings.append(value_warning(tag, str(first), f"{exc}; column "
+                                                                      f"{name} is NULL"))
         elif kind == "int":
             values[name] = int(first) if isinstance(first, int | float) else None
         elif kind == "float":
@@ -82,4 +87,5 @@ def promoted_values(header: Header) -> dict[str, Any]:
     values["pixel_data_offset"] = header.pixel_data_offset
     values["pixel_data_length"] = header.pixel_data_length
     values["meta"] = header.meta_json()
+    values["warnings"] = [w.as_row() for w in header.warnings] or None
     return values

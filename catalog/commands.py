@@ -35,13 +35,19 @@ def print_ingest_summary(result: object) -> None:
 
     assert isinstance(result, IngestResult)
     rate = result.files_seen / result.seconds if result.seconds else 0.0
+    nested = result.files_seen - result.files_planned
     click.echo(
         f"sources: {result.sources} ({result.sources_skipped} unchanged, skipped)\n"
         f"files seen: {result.files_seen} = rows written: {result.rows_written} "
-        f"+ errors recorded: {result.errors_recorded}"
-        f"{'' if result.balanced else '  (MISMATCH: some inputs changed during ingest)'}\n"
+        f"+ errors recorded: {result.errors_recorded} "
+        f"(of which skipped by rule: {result.skipped})"
+        f"{f'; {nested} found inside nested archives' if nested > 0 else ''}\n"
+        f"values kept as text: {result.warnings} (see: SELECT * FROM dicom.warnings)\n"
         f"time: {result.seconds:.1f} s ({rate:.0f} files/s)"
     )
+    for problem in result.unaccounted:
+        click.echo(f"MISMATCH: {problem} (the source changed during ingest?); run the ingest "
+                   "again", err=True)
     if result.error_kinds:
         kinds = ", ".join(f"{k}: {v}" for k, v in result.error_kinds.items())
         click.echo(f"errors by kind: {kinds}  (see: SELECT * FROM dicom.errors)")

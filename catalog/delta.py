@@ -51,12 +51,54 @@ class WrittenFile:
 
 @dataclass(frozen=True)
 class TableTarget:
-    """Where rows routed to ``key`` go, which columns they keep, which key columns to report."""
+    """Where rows routed to ``key`` go, which columns they keep, which key columns to report.
+
+    ``explode``: the target takes one row per element of this list-of-struct column of the
+    rows routed to ``route`` (the struct's fields become columns beside the row's own), so a
+    one-to-many table (``dicom.warnings``) is written in the same pass as its parent rows.
+    """
 
     key: str
     path: str
     columns: tuple[str, ...]
     key_columns: tuple[str, ...] = ()
+    explode: str | None = None
+    route: str | None = None
+
+    @property
+    def route_key(self) -> str:
+        """The ``_dicomlake_table`` value of the rows this target is written from."""
+        return self.route or self.key
+
+
+def _target_rows(part: pa.RecordBatch, target: TableTarget) -> pa.Table:
+    """The rows of ``target`` in a batch already filtered to its route (exploded if asked)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.Table.from_batches([part])
+    if target.explode is None:
+        return table.select(list(target.columns))
+    lists = table.column(target.explode).combine_chunks()
+    flat = pc.list_flatten(lists)
+    parents = pc.list_parent_indices(lists)
+    own = [c for c in target.columns if c in table.column_names and c != target.explode]
+    out = table.select(own).take(parents)
+    for index, struct_field in enumerate(flat.type):
+        if struct_field.name in target.columns:
+            out = out.append_column(struct_field.name, flat.field(index))
+    return out.select(list(target.columns))
+
+
+def _target_frame(df: DataFrame, target: TableTarget) -> DataFrame:
+    """``df`` shaped like the target's rows (to derive its schema without running a job)."""
+    from pyspark.sql import functions as F
+
+    if target.explode is None:
+        return df.select(*target.columns)
+    own = [c for c in target.columns if c in df.columns]
+    exploded = df.select(*own, F.explode(target.explode).alias("_element"))
+    return exploded.select(*own, "_element.*").select(*target.columns)
 
 
 _MANIFEST_DDL = ("table string, path string, size long, rows long, modification_time long, "
@@ -81,10 +123,12 @@ def _file_writer(targets: dict[str, TableTarget], job_id: str,
                 continue
             route = batch.column(TABLE_COLUMN)
             for key, target in targets.items():
-                part = batch.filter(pc.equal(route, key))
+                part = batch.filter(pc.equal(route, target.route_key))
                 if part.num_rows == 0:
                     continue
-                table = pa.Table.from_batches([part]).select(list(target.columns))
+                table = _target_rows(part, target)
+                if table.num_rows == 0:
+                    continue
                 table = table.cast(arrow_schemas[key])
                 if key not in writers:
                     name = f"part-{job_id}-{uuid.uuid4().hex}.parquet"
@@ -129,7 +173,7 @@ def write_files(df: DataFrame, targets: list[TableTarget]) -> list[WrittenFile]:
             raise ValueError("write_files needs a _dicomlake_table column for several targets")
         df = df.withColumn(TABLE_COLUMN, F.lit(targets[0].key))
     by_key = {t.key: t for t in targets}
-    schemas = {t.key: arrow_schema_of(df, t.columns) for t in targets}
+    schemas = {t.key: target_schema(df, t) for t in targets}
     job_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
     manifest = df.mapInArrow(_file_writer(by_key, job_id, schemas), _MANIFEST_DDL).collect()
     return [
@@ -146,22 +190,31 @@ def arrow_schema_of(df: DataFrame, columns: list[str] | tuple[str, ...]) -> pa.S
     return to_arrow_schema(df.select(*columns).schema, timezone="UTC")
 
 
+def target_schema(df: DataFrame, target: TableTarget) -> pa.Schema:
+    """The Arrow schema of ``target``'s files when written from ``df``."""
+    return arrow_schema_of(_target_frame(df, target), target.columns)
+
+
 def commit(table_path: str | Path, schema: pa.Schema, adds: list[WrittenFile],
-           removes: list[str] | None = None, *, operation: str = "WRITE") -> int | None:
+           removes: list[str] | None = None, *, operation: str = "WRITE",
+           create_empty: bool = False) -> int | None:
     """Commit added files and removed file paths as ONE Delta transaction.
 
-    Creates the table on first use. Returns the new version, or None when there was nothing
-    to commit (no new commit is made, so re-running an unchanged ingest leaves no trace).
+    Creates the table on first use (with ``create_empty``, also when there is nothing to
+    add, so ``dicom.errors`` and ``dicom.warnings`` exist from the first ingest). Returns the new
+    version, or None when there was nothing to commit to an existing table (no new commit
+    is made, so re-running an unchanged ingest leaves no trace).
     """
     from deltalake import CommitProperties, DeltaTable, Schema
     from deltalake.transaction import RemoveAction, create_table_with_add_actions
 
     table_path = str(table_path)
-    if not adds and not removes:
+    exists = DeltaTable.is_deltatable(table_path)
+    if not adds and not removes and (exists or not create_empty):
         return None
     actions = [f.add_action() for f in adds]
     props = CommitProperties(custom_metadata={"dicomlake.operation": operation})
-    if not DeltaTable.is_deltatable(table_path):
+    if not exists:
         Path(table_path).mkdir(parents=True, exist_ok=True)
         create_table_with_add_actions(table_path, Schema.from_arrow(schema), actions,
                                       mode="append", commit_properties=props)

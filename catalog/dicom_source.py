@@ -1,21 +1,22 @@
 """Spark Python data source ``dicom`` (alias ``zipdcm``): DICOM headers as rows.
 
-Reads plain DICOM files and members of ZIP archives in place: a member is decompressed only
-up to the start of its pixel data, and nothing is extracted to disk. Every input becomes a
-row, or (mode PERMISSIVE) a row whose ``_corrupt_record`` says why it could not be read.
+Reads plain DICOM files and members of ZIP and tar archives (also nested, also compressed)
+in place: a member is decompressed only up to the start of its pixel data where the format
+allows, and nothing is extracted to disk. What each input is, and every fault, is decided by
+the Spark-free :mod:`dicomlake.catalog.archives` and :mod:`dicomlake.catalog.preflight`,
+shared with the stream and uploads; this module only turns their results into rows. Every
+input becomes a row, or (mode PERMISSIVE) a row whose ``_corrupt_record`` says why it could
+not be read or which documented rule skipped it (``_error_kind = 'skipped'``).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import warnings
-import zipfile
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import (
@@ -30,15 +31,10 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from dicomlake.catalog.archives import Found, Limits
 from dicomlake.catalog.columns import PROMOTED, promoted_values
 from dicomlake.catalog.errors import ErrorKind, HeaderError
-from dicomlake.catalog.inputs import (
-    DICOM_SUFFIXES,
-    Source,
-    describe,
-    expand_paths,
-    is_member_candidate,
-)
+from dicomlake.catalog.inputs import Source, plan_sources
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -57,11 +53,19 @@ PROVENANCE = StructType([
     StructField("source_members", IntegerType(), False),
     StructField("archive", StringType()),
     StructField("member", StringType()),
+    StructField("member_index", IntegerType()),
     StructField("file_size", LongType()),
     StructField("compressed_size", LongType()),
     StructField("crc32", LongType()),
     StructField("modified", TimestampType()),
 ])
+
+
+WARNINGS_TYPE = ArrayType(StructType([
+    StructField("tag", StringType()), StructField("keyword", StringType()),
+    StructField("value", StringType()), StructField("reason", StringType()),
+]))
+"""Values that did not parse (kept as text in ``meta``, NULL in their typed column)."""
 
 
 def dicom_schema(corrupt_record: str = CORRUPT_RECORD) -> StructType:
@@ -73,6 +77,7 @@ def dicom_schema(corrupt_record: str = CORRUPT_RECORD) -> StructType:
         StructField("pixel_data_offset", LongType()),
         StructField("pixel_data_length", LongType()),
         StructField("meta", StringType()),
+        StructField("warnings", WARNINGS_TYPE),
         StructField(corrupt_record, StringType()),
         StructField(ERROR_KIND, StringType()),
     ]
@@ -109,9 +114,7 @@ class DicomOptions:
     corrupt_record: str = CORRUPT_RECORD
     members_per_partition: int = 5000
     files_per_partition: int = 256
-    max_member_bytes: int = 16 << 30
-    max_ratio: int = 1000
-    max_header_bytes: int = 64 << 20
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> DicomOptions:
@@ -140,9 +143,12 @@ class DicomOptions:
             corrupt_record=opts.get("columnnameofcorruptrecord", CORRUPT_RECORD),
             members_per_partition=_positive_int(opts, "membersPerPartition", 5000),
             files_per_partition=_positive_int(opts, "filesPerPartition", 256),
-            max_member_bytes=_positive_int(opts, "maxMemberBytes", 16 << 30),
-            max_ratio=_positive_int(opts, "maxCompressionRatio", 1000),
-            max_header_bytes=_positive_int(opts, "maxHeaderBytes", 64 << 20),
+            limits=Limits(
+                max_member_bytes=_positive_int(opts, "maxMemberBytes", 16 << 30),
+                max_ratio=_positive_int(opts, "maxCompressionRatio", 1000),
+                max_header_bytes=_positive_int(opts, "maxHeaderBytes", 64 << 20),
+                max_nested_bytes=_positive_int(opts, "maxNestedArchiveBytes", 1 << 30),
+            ),
         )
 
 
@@ -180,20 +186,6 @@ def plan_partitions(sources: list[Source], options: DicomOptions) -> list[DicomI
     return parts
 
 
-@dataclass
-class _Input:
-    """Provenance of one input while it is being read."""
-
-    path: str
-    source: Source
-    archive: str | None
-    member: str | None
-    file_size: int | None
-    compressed_size: int | None
-    crc32: int | None
-    modified: dt.datetime | None
-
-
 class DicomDataSourceReader(DataSourceReader):
     """Plans partitions on the driver and reads headers in tasks."""
 
@@ -202,8 +194,7 @@ class DicomDataSourceReader(DataSourceReader):
         self.schema = schema
 
     def partitions(self) -> list[DicomInputPartition]:
-        sources = [describe(p) for p in expand_paths(self.options.paths)]
-        return plan_partitions(sources, self.options)
+        return plan_partitions(plan_sources(self.options.paths), self.options)
 
     def read(self, partition: DicomInputPartition) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
@@ -226,122 +217,42 @@ class DicomDataSourceReader(DataSourceReader):
             yield pa.RecordBatch.from_pydict(columns, schema=arrow_schema)
 
     def _rows(self, partition: DicomInputPartition) -> Iterator[dict[str, Any]]:
-        warnings.simplefilter("ignore")  # pydicom warns per odd element; errors are rows
-        for piece in partition.slices:
-            source = piece.source
-            if source.error is not None:
-                kind, message = source.error
-                inp = _Input(source.path, source, source.path if source.is_zip else None,
-                             None, source.size or None, None, None, None)
-                yield from self._error(inp, kind, message)
-            elif source.is_zip:
-                yield from self._zip_rows(piece)
-            else:
-                yield from self._file_row(source)
-
-    def _base(self, inp: _Input) -> dict[str, Any]:
-        return {
-            "path": inp.path, "source": inp.source.path,
-            "source_fingerprint": inp.source.fingerprint,
-            "source_members": inp.source.input_count, "archive": inp.archive,
-            "member": inp.member, "file_size": inp.file_size,
-            "compressed_size": inp.compressed_size, "crc32": inp.crc32,
-            "modified": inp.modified,
-        }
-
-    def _error(self, inp: _Input, kind: ErrorKind, message: str) -> Iterator[dict[str, Any]]:
-        where = f"archive {inp.archive} member {inp.member}" if inp.member else inp.path
-        full = message if inp.path in message else f"{where}: {message}"
-        if self.options.mode is ParseMode.FAILFAST:
-            raise HeaderError(kind, f"dicom (mode FAILFAST): {full}")
-        if self.options.mode is ParseMode.PERMISSIVE:
-            row = self._base(inp)
-            row[self.options.corrupt_record] = full
-            row[ERROR_KIND] = kind.value
-            yield row
-
-    def _parse(self, inp: _Input, fp: IO[bytes], dicom_name: bool) -> Iterator[dict[str, Any]]:
         # Imported here: planning workers never parse, and pydicom costs 0.5 s to import.
-        from dicomlake.catalog.header import read_header
+        from dicomlake.catalog.archives import read_source
 
-        if inp.file_size == 0:
-            yield from self._error(inp, ErrorKind.EMPTY, "file is empty (0 bytes)")
-            return
-        try:
-            prefix = fp.read(132)
-            has_preamble = prefix[128:132] == b"DICM"
-            if not has_preamble and not dicom_name:
-                raise HeaderError(ErrorKind.NOT_DICOM,
-                                  "not a DICOM file (no DICM marker at byte 128)")
-            fp.seek(0)
-            header = read_header(fp, uri=inp.path, size=inp.file_size,
-                                 has_preamble=has_preamble,
-                                 max_header_bytes=self.options.max_header_bytes)
-            row = self._base(inp)
-            row.update(promoted_values(header))
-        except HeaderError as exc:
-            yield from self._error(inp, exc.kind, str(exc))
-            return
-        except (zlib.error, zipfile.BadZipFile, EOFError) as exc:
-            yield from self._error(inp, ErrorKind.BAD_ARCHIVE,
-                                   f"compressed data is corrupt ({exc})")
-            return
-        except NotImplementedError as exc:
-            yield from self._error(inp, ErrorKind.BAD_ARCHIVE, f"cannot decompress: {exc}")
-            return
-        yield row
-
-    def _zip_rows(self, piece: SourceSlice) -> Iterator[dict[str, Any]]:
-        source = piece.source
+        warnings.simplefilter("ignore")  # pydicom warns per odd element; errors are rows
         opts = self.options
-        try:
-            zf = zipfile.ZipFile(source.path)
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
-            inp = _Input(source.path, source, source.path, None, source.size, None, None, None)
-            yield from self._error(inp, ErrorKind.BAD_ARCHIVE,
-                                   f"archive {source.path} cannot be opened ({exc})")
-            return
-        with zf:
-            infos = [i for i in zf.infolist() if is_member_candidate(i)]
-            for info in infos[piece.start:piece.stop]:
-                inp = _Input(f"{source.path}!/{info.filename}", source, source.path,
-                             info.filename, info.file_size, info.compress_size, info.CRC,
-                             dt.datetime(*info.date_time, tzinfo=dt.UTC))
-                ratio = info.file_size / max(info.compress_size, 1)
-                if info.flag_bits & 0x1:
-                    yield from self._error(inp, ErrorKind.ENCRYPTED,
-                                           "member is encrypted; decrypt the archive first")
-                elif info.file_size > opts.max_member_bytes or (
-                    info.file_size > 1 << 20 and ratio > opts.max_ratio
-                ):
-                    yield from self._error(
-                        inp, ErrorKind.TOO_LARGE,
-                        f"declared size {info.file_size} bytes (compression ratio {ratio:.0f}:1) "
-                        f"exceeds maxMemberBytes={opts.max_member_bytes} or "
-                        f"maxCompressionRatio={opts.max_ratio} (possible zip bomb)",
-                    )
-                else:
-                    try:
-                        fp = zf.open(info)
-                    except (NotImplementedError, zipfile.BadZipFile, RuntimeError) as exc:
-                        yield from self._error(inp, ErrorKind.BAD_ARCHIVE,
-                                               f"member cannot be opened ({exc})")
-                        continue
-                    with fp:
-                        name = info.filename.lower()
-                        yield from self._parse(inp, fp, name.endswith(DICOM_SUFFIXES))
+        for piece in partition.slices:
+            for found in read_source(piece.source, piece.start, piece.stop, opts.limits):
+                row = self._row(piece.source, found)
+                if row is not None:
+                    yield row
 
-    def _file_row(self, source: Source) -> Iterator[dict[str, Any]]:
-        inp = _Input(source.path, source, None, None, source.size, None, None,
-                     dt.datetime.fromtimestamp(source.mtime_ns / 1e9, tz=dt.UTC))
-        try:
-            fp = open(source.path, "rb")
-        except OSError as exc:
-            yield from self._error(inp, ErrorKind.UNREADABLE,
-                                   f"cannot open {source.path}: {exc.strerror}")
-            return
-        with fp:
-            yield from self._parse(inp, fp, True)
+    def _row(self, source: Source, found: Found) -> dict[str, Any] | None:
+        row: dict[str, Any] = {
+            "path": found.path, "source": source.path,
+            "source_fingerprint": source.fingerprint,
+            "source_members": source.input_count, "archive": found.archive,
+            "member": found.member, "member_index": found.member_index,
+            "file_size": found.file_size, "compressed_size": found.compressed_size,
+            "crc32": found.crc32, "modified": found.modified,
+        }
+        if found.header is not None:
+            row.update(promoted_values(found.header))
+            return row
+        assert found.error is not None
+        kind, message = found.error
+        where = (f"archive {found.archive} member {found.member}" if found.member
+                 else found.path)
+        full = message if found.path in message else f"{where}: {message}"
+        mode = self.options.mode
+        if mode is ParseMode.FAILFAST and kind is not ErrorKind.SKIPPED:
+            raise HeaderError(kind, f"dicom (mode FAILFAST): {full}")
+        if mode is not ParseMode.PERMISSIVE:
+            return None
+        row[self.options.corrupt_record] = full
+        row[ERROR_KIND] = kind.value
+        return row
 
 
 class DicomDataSource(DataSource):
@@ -349,12 +260,14 @@ class DicomDataSource(DataSource):
 
     Name: ``dicom`` (also ``zipdcm``)
 
-    Schema: provenance (``path``, ``source``, ``archive``, ``member``, ``file_size``,
+    Schema: provenance (``path``, ``source``, ``archive``, ``member``, ``member_index``,
+    ``file_size``,
     ``compressed_size``, ``crc32``, ``modified``, ``source_fingerprint``,
     ``source_members``), typed columns for the common tags (UIDs, ``modality``,
     ``study_date`` as DATE, ``rows``, ``pixel_spacing`` ...), ``meta`` (the whole header as
     PS3.18 DICOM JSON; binary values over 64 bytes as ``BulkDataURI`` references),
-    ``pixel_data_offset``/``pixel_data_length``, and ``_corrupt_record``/``_error_kind``.
+    ``pixel_data_offset``/``pixel_data_length``, ``warnings`` (values that did not parse:
+    tag, keyword, value, reason), and ``_corrupt_record``/``_error_kind``.
 
     Options:
         path / paths: files, folders (recursive) and globs; ``load([...])`` for several.
@@ -367,6 +280,8 @@ class DicomDataSource(DataSource):
         maxCompressionRatio: declared/compressed size limit for members over 1 MiB
             (default 1000).
         maxHeaderBytes: stop reading a header after this many bytes (default 64 MiB).
+        maxNestedArchiveBytes: a ZIP inside a ZIP is read into memory; larger ones are an
+            error (default 1 GiB).
 
     Example:
         >>> df = spark.read.format("dicom").load("/data/archives/*.zip")

@@ -16,7 +16,8 @@ class ErrorKind(StrEnum):
     UNREADABLE = "unreadable"
     """The path cannot be opened (missing, permission denied, I/O error)."""
     BAD_ARCHIVE = "bad_archive"
-    """The ZIP is truncated or corrupt: its central directory cannot be read."""
+    """The archive is truncated or corrupt (central directory, tar header, or the
+    compressed stream of a member); never used for faults of the DICOM content."""
     ENCRYPTED = "encrypted"
     """The ZIP member is encrypted; dicomlake does not take passwords."""
     TOO_LARGE = "too_large"
@@ -33,6 +34,10 @@ class ErrorKind(StrEnum):
     """An element's value does not fit its VR (wrong VR, bad number or date)."""
     DUPLICATE = "duplicate"
     """Another input already holds this SOPInstanceUID."""
+    DICOMDIR = "dicomdir"
+    """A DICOMDIR: the index of a medium, recorded but not an instance."""
+    SKIPPED = "skipped"
+    """Operating-system litter skipped by a documented rule (``preflight.SKIP_RULES``)."""
 
 
 class DicomlakeError(Exception):

@@ -18,7 +18,7 @@ import datetime as dt
 import io
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import IO, Any
 
@@ -31,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
 from dicomlake.catalog.errors import ErrorKind, HeaderError
+from dicomlake.catalog.preflight import VR_CODES
 
 PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 """Pixel Data, Float Pixel Data, Double Float Pixel Data: where a header ends."""
@@ -80,10 +81,38 @@ def _resolve_vr(tag: int, vr: str | None, context: _Context) -> str:
     return vr
 
 
+@dataclass(frozen=True)
+class ValueWarning:
+    """An element whose value does not parse: kept as raw text in ``meta``, NULL in its
+    typed column, and reported in ``dicom.warnings`` (the value may identify a patient)."""
+
+    tag: str
+    keyword: str
+    value: str
+    reason: str
+
+    def as_row(self) -> dict[str, str]:
+        return {"tag": self.tag, "keyword": self.keyword, "value": self.value,
+                "reason": self.reason}
+
+
+WARNING_VALUE_MAX = 256
+"""A warning keeps at most this many characters of the offending value."""
+
+
+def value_warning(tag: int, value: str | bytes, reason: str) -> ValueWarning:
+    """A :class:`ValueWarning` for ``tag``; bytes are shown as hex."""
+    text = value.hex() if isinstance(value, bytes) else value
+    return ValueWarning(f"({tag >> 16:04X},{tag & 0xFFFF:04X})",
+                        keyword_for_tag(tag) or "private or unknown",
+                        text[:WARNING_VALUE_MAX], reason)
+
+
 @dataclass
 class _Context:
     uri: str
     pixel_representation: int = 0
+    warnings: list[ValueWarning] = field(default_factory=list)
 
 
 def _strings(value: bytes, vr: str, encodings: tuple[str, ...] | list[str]) -> list[str | None]:
@@ -146,18 +175,21 @@ def _decode(tag: int, vr: str, value: bytes, length: int, offset: int, little: b
     if fmt is not None:
         size = struct.calcsize(fmt)
         if len(value) % size:
-            raise HeaderError(
-                ErrorKind.BAD_VALUE,
-                f"{_tag_label(tag)}: VR {vr} needs a multiple of {size} bytes, found "
-                f"{len(value)} (wrong VR?)",
-            )
+            ctx.warnings.append(value_warning(
+                tag, value, f"VR {vr} needs a multiple of {size} bytes, found {len(value)} "
+                "(wrong VR?); kept as InlineBinary"))
+            element["InlineBinary"] = base64.b64encode(value).decode("ascii")
+            return element
         order = "<" if little else ">"
         numbers = struct.unpack(f"{order}{len(value) // size}{fmt}", value)
         element["Value"] = [_finite(n) for n in numbers] if vr in ("FL", "FD") else list(numbers)
         return element
     if vr == "AT":
         if len(value) % 4:
-            raise HeaderError(ErrorKind.BAD_VALUE, f"{_tag_label(tag)}: AT needs 4-byte values")
+            ctx.warnings.append(value_warning(tag, value, "AT needs 4-byte values; kept as "
+                                                          "InlineBinary"))
+            element["InlineBinary"] = base64.b64encode(value).decode("ascii")
+            return element
         order = "<" if little else ">"
         pairs = struct.unpack(f"{order}{len(value) // 2}H", value)
         element["Value"] = [f"{pairs[i]:04X}{pairs[i + 1]:04X}" for i in range(0, len(pairs), 2)]
@@ -167,10 +199,11 @@ def _decode(tag: int, vr: str, value: bytes, length: int, offset: int, little: b
         try:
             element["Value"] = [_number(s, vr) for s in strings]
         except ValueError:
-            raise HeaderError(
-                ErrorKind.BAD_VALUE,
-                f"{_tag_label(tag)}: {vr} value {value[:64]!r} is not a number",
-            ) from None
+            # pydicom reads such files; the raw text stays in meta, the typed column is NULL
+            ctx.warnings.append(value_warning(
+                tag, value.decode("latin-1").strip(" \x00"),
+                f"{vr} value is not a number; kept as text"))
+            element["Value"] = strings
     elif vr == "PN":
         element["Value"] = [
             None if s is None else {
@@ -218,10 +251,11 @@ class _BoundedReader(io.RawIOBase):
     """A seekable view that refuses to read past ``limit`` bytes (zip-bomb and giant-header
     guard): pydicom would otherwise inflate whatever a hostile header declares."""
 
-    def __init__(self, raw: IO[bytes], limit: int) -> None:
+    def __init__(self, raw: IO[bytes], limit: int, size: int | None = None) -> None:
         super().__init__()
         self._raw = raw
         self._limit = limit
+        self._size = size
 
     def readable(self) -> bool:
         return True
@@ -230,7 +264,13 @@ class _BoundedReader(io.RawIOBase):
         return True
 
     def read(self, size: int | None = -1) -> bytes:
-        room = self._limit - self._raw.tell()
+        at = self._raw.tell()
+        if self._size is not None and size is not None and at + size > self._size:
+            # A length running past the end of a file of known size: the stream ends first,
+            # so this reads no more than the file has; pydicom then reports the short read.
+            # (Only lengths the file could hold are a "header too large" question.)
+            return self._raw.read(max(0, min(size, self._size - at, self._limit - at)))
+        room = self._limit - at
         # A declared length past the limit fails at once, without inflating anything; a
         # read-to-end (deflated datasets) may take what is left of the allowance.
         data = b"" if size is not None and size > room else self._raw.read(
@@ -258,6 +298,8 @@ class Header:
     transfer_syntax_uid: str | None
     pixel_data_offset: int | None
     pixel_data_length: int | None
+    warnings: list[ValueWarning] = field(default_factory=list)
+    media_storage_sop_class_uid: str | None = None
 
     def values(self, key: str) -> list[Any] | None:
         """All values of a top-level element (key: 8 hex digits, e.g. ``"00080060"``)."""
@@ -285,20 +327,19 @@ def _pixel_element_header(buf: bytes, pos: int, little: bool) -> tuple[str, int,
     return vr, struct.unpack_from(f"{order}H", buf, pos + 6)[0], 8
 
 
-def _with_pixel_data(meta: dict[str, Any], tsuid: str, uri: str, size: int | None,
-                     offset: int, pixel: tuple[str, int, int] | None) -> Header:
+def _with_pixel_data(meta: dict[str, Any], tsuid: str, ctx: _Context, size: int | None,
+                     offset: int, pixel: tuple[str, int, int] | None,
+                     media_class: str | None) -> Header:
     """The Header, with the pixel data as a bulk reference and truncation checked.
 
-    An image (Rows and Columns) without pixel data means the file was cut short; pixel data
-    declaring more bytes than the file has is caught here without reading a pixel.
+    Pixel data declaring more bytes than the file has is caught here without reading a
+    pixel. A complete file with Rows/Columns but no pixel data is a header-only object (dose
+    screenshots, CSA normalisation files, some DX): an instance, not a truncation; a cut
+    file is caught where an element runs past the end.
     """
+    uri = ctx.uri
     if pixel is None:
-        if "00280010" in meta and "00280011" in meta:
-            raise HeaderError(ErrorKind.TRUNCATED,
-                              "image attributes (0028,0010) Rows and (0028,0011) Columns are "
-                              "present but there is no (7FE0,0010) PixelData: the file is "
-                              "truncated")
-        return Header(meta, tsuid or None, None, None)
+        return Header(meta, tsuid or None, None, None, ctx.warnings, media_class)
     vr, length, head_len = pixel
     pixel_length = None
     if length != 0xFFFFFFFF:
@@ -311,7 +352,7 @@ def _with_pixel_data(meta: dict[str, Any], tsuid: str, uri: str, size: int | Non
                 f"{end - size} bytes short (file truncated)",
             )
     meta["7FE00010"] = {"vr": vr, "BulkDataURI": f"{uri}#offset={offset}"}
-    return Header(meta, tsuid or None, offset, pixel_length)
+    return Header(meta, tsuid or None, offset, pixel_length, ctx.warnings, media_class)
 
 
 def read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool,
@@ -336,15 +377,8 @@ def read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool
             return _fast_header(fp, uri, size, max_header_bytes)
         except _UsePydicom:
             fp.seek(start)
-    try:
-        return _read_header(_BoundedReader(fp, max_header_bytes), uri=uri, size=size,
-                            has_preamble=has_preamble)
-    except HeaderError as exc:
-        if has_preamble:
-            raise
-        raise HeaderError(
-            ErrorKind.NOT_DICOM, f"no DICM marker and not parseable as DICOM ({exc})"
-        ) from exc
+    return _read_header(_BoundedReader(fp, max_header_bytes, size), uri=uri, size=size,
+                        has_preamble=has_preamble)
 
 
 def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool) -> Header:
@@ -361,6 +395,8 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
 
     file_meta = getattr(ds, "file_meta", None)
     tsuid = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    media_class = (str(file_meta.get("MediaStorageSOPClassUID", "")) or None
+                   if file_meta is not None else None)
     little = ds.original_encoding[1] is not False
 
     pixel_representation = 0
@@ -372,7 +408,7 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
 
     if tsuid == DEFLATED_EXPLICIT_VR:
         # pydicom inflated the dataset into its own buffer: positions in ``fp`` mean nothing.
-        return Header(meta, tsuid, None, None)
+        return Header(meta, tsuid, None, None, ctx.warnings, media_class)
     offset = fp.tell()
     head = fp.read(12)
     pixel = _pixel_element_header(head, 0, little) if len(head) == 12 else None
@@ -380,7 +416,7 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
         raise HeaderError(ErrorKind.TRUNCATED,
                           f"file ends inside a data element after byte "
                           f"{_end_of_last_element(ds)} of {size} (file truncated)")
-    return _with_pixel_data(meta, tsuid, uri, size, offset, pixel)
+    return _with_pixel_data(meta, tsuid, ctx, size, offset, pixel, media_class)
 
 
 def _end_of_last_element(ds: Dataset) -> int | None:
@@ -397,17 +433,18 @@ def _end_of_last_element(ds: Dataset) -> int | None:
     return int(last.value_tell) + int(last.length)
 
 
-def parse_da(value: str | None, tag_label: str) -> dt.date | None:
-    """DICOM DA (YYYYMMDD) to a date; empty or all-zero dates are unknown, not errors."""
+def parse_da(value: str | None) -> dt.date | None:
+    """DICOM DA (YYYYMMDD) to a date; empty or all-zero dates are unknown, not errors.
+
+    Raises:
+        ValueError: the text is not a date (the caller keeps it as text and warns).
+    """
     if not value or value.strip("0") == "":
         return None
     text = value.replace(".", "")  # ACR-NEMA style YYYY.MM.DD
-    try:
-        return dt.date(int(text[0:4]), int(text[4:6]), int(text[6:8]))
-    except ValueError:
-        raise HeaderError(
-            ErrorKind.BAD_VALUE, f"{tag_label}: {value!r} is not a valid DA date (YYYYMMDD)"
-        ) from None
+    if len(text) != 8 or not text.isdigit():
+        raise ValueError(f"{value!r} is not a valid DA date (YYYYMMDD)")
+    return dt.date(int(text[0:4]), int(text[4:6]), int(text[6:8]))
 
 
 # --- The fast path -------------------------------------------------------------------------
@@ -494,7 +531,7 @@ class _Parser:
             key = f"{tag:08X}"
             if vr == "SQ" or (length == _UNDEFINED and vr == "UN"):
                 items, pos = self.sequence(tag, vpos, length, value_implicit or vr == "UN",
-                                           encodings)
+                                           encodings, sniff_items=vr == "UN")
                 out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
                 continue
             if length == _UNDEFINED:  # encapsulated pixels nested in a dataset (icon image)
@@ -514,7 +551,12 @@ class _Parser:
         return out, pos, False
 
     def sequence(self, tag: int, pos: int, length: int, implicit: bool,
-                 encodings: list[str]) -> tuple[list[dict[str, Any]], int]:
+                 encodings: list[str], sniff_items: bool = False,
+                 ) -> tuple[list[dict[str, Any]], int]:
+        """Items of a sequence. ``sniff_items``: the sequence was written as UN, which the
+        standard says is implicit VR inside, but vendors (seen in mammography files) write
+        explicit VR items there; each item's encoding is read off its first element, as
+        pydicom does."""
         end = None if length == _UNDEFINED else pos + length
         items: list[dict[str, Any]] = []
         while end is None or pos < end:
@@ -528,11 +570,16 @@ class _Parser:
                                   f"{_tag_label(tag)}: expected an item at byte {pos}, found "
                                   f"({group:04X},{elem:04X})")
             pos += 8
+            item_implicit = implicit
+            if sniff_items:
+                self.need(pos + 6, tag)
+                item_implicit = self.buf[pos + 4:pos + 6] not in VR_CODES
             if item_len == _UNDEFINED:
-                item, pos, _ = self.dataset(pos, None, implicit, encodings, top=False)
+                item, pos, _ = self.dataset(pos, None, item_implicit, encodings, top=False)
             else:
                 self.need(pos + item_len, tag)
-                item, _, _ = self.dataset(pos, pos + item_len, implicit, encodings, top=False)
+                item, _, _ = self.dataset(pos, pos + item_len, item_implicit, encodings,
+                                          top=False)
                 pos += item_len
             items.append(item)
         return items, pos
@@ -548,24 +595,29 @@ class _Parser:
                                   f"{_tag_label(tag)}: bad encapsulated fragment at byte {pos}")
             pos += 8 + length
 
-    def file_meta(self) -> tuple[str, int]:
-        """Transfer syntax UID and the position after the (always explicit LE) file meta."""
+    def file_meta(self) -> tuple[str, str | None, int]:
+        """Transfer syntax UID, media storage SOP class UID and the position after the
+        (always explicit LE) file meta."""
         pos = 132
         tsuid = ""
+        media_class = None
         while True:
             self.need(pos + 8)
             if struct.unpack_from("<H", self.buf, pos)[0] != 0x0002:
-                return tsuid, pos
+                return tsuid, media_class, pos
             tag, _, length, vpos = self.element_head(pos, implicit=False)
             self.need(vpos + length, tag)
             if tag == 0x00020010:
                 tsuid = self.buf[vpos:vpos + length].decode("latin-1").strip("\0 ")
+            elif tag == 0x00020002:
+                media_class = self.buf[vpos:vpos + length].decode("latin-1").strip("\0 ")
             pos = vpos + length
 
 
 def _parse_prefix(buf: bytes, complete: bool, uri: str, size: int | None) -> Header:
-    parser = _Parser(buf, complete, size, _Context(uri=uri))
-    tsuid, pos = parser.file_meta()
+    ctx = _Context(uri=uri)
+    parser = _Parser(buf, complete, size, ctx)
+    tsuid, media_class, pos = parser.file_meta()
     if tsuid in (EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR):
         raise _UsePydicom
     parser.need(pos + 6)
@@ -578,7 +630,7 @@ def _parse_prefix(buf: bytes, complete: bool, uri: str, size: int | None) -> Hea
     if at_pixels:
         parser.need(pos + 12)
         pixel = _pixel_element_header(buf, pos, True)
-    return _with_pixel_data(meta, tsuid, uri, size, pos, pixel)
+    return _with_pixel_data(meta, tsuid, ctx, size, pos, pixel, media_class)
 
 
 def _fast_header(fp: IO[bytes], uri: str, size: int | None, max_bytes: int) -> Header:

@@ -1,10 +1,12 @@
-"""The ingest job: archives and files into ``dicom.instances`` / ``errors`` / ``series`` /
-``studies``, one atomic Delta commit per table.
+"""The ingest job: archives and files into ``dicom.instances`` / ``errors`` / ``warnings`` /
+``series`` / ``studies``, one atomic Delta commit per table.
 
 Change detection uses only metadata: a source (archive or plain file) whose fingerprint
 (central directory names/sizes/CRCs, or size and mtime) is already fully in the tables is
 skipped without opening a member. A changed source replaces all of its rows. Every input ends
-as exactly one row in ``instances`` or ``errors``: files seen = rows written + errors recorded.
+as exactly one row in ``instances`` or ``errors`` (documented skips are ``errors`` rows of
+kind ``skipped``, so they are counted too): inputs found = rows written + errors recorded,
+and every input the plan listed is among them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dicomlake.catalog.delta import (
     arrow_schema_of,
     commit,
     read_columns,
+    target_schema,
     write_files,
 )
 from dicomlake.catalog.dicom_source import CORRUPT_RECORD, ERROR_KIND, PROVENANCE, dicom_schema
@@ -38,14 +41,20 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 SCHEMA = "dicom"
-INSTANCES, ERRORS, SERIES, STUDIES = "instances", "errors", "series", "studies"
+INSTANCES, ERRORS, WARNINGS, SERIES, STUDIES = (
+    "instances", "errors", "warnings", "series", "studies")
 
 INSTANCE_COLUMNS: tuple[str, ...] = (
-    *(f.name for f in dicom_schema().fields if f.name not in (CORRUPT_RECORD, ERROR_KIND)),
+    *(f.name for f in dicom_schema().fields
+      if f.name not in (CORRUPT_RECORD, ERROR_KIND, "warnings")),
     "ingested_at",
 )
 ERROR_COLUMNS: tuple[str, ...] = (
     *(f.name for f in PROVENANCE.fields), "error_kind", "error", "ingested_at")
+WARNING_COLUMNS: tuple[str, ...] = (
+    "path", "source", "sop_instance_uid", "tag", "keyword", "value", "reason", "ingested_at")
+"""``dicom.warnings``: one row per value that did not parse. ``value`` is the raw text, which
+may identify a patient: the table is PHI like ``dicom.instances``."""
 
 SERIES_SQL = f"""
 SELECT series_instance_uid, first(study_instance_uid) AS study_instance_uid,
@@ -72,22 +81,35 @@ GROUP BY study_instance_uid
 
 @dataclass
 class IngestResult:
-    """What one ingest did; ``files_seen == rows_written + errors_recorded`` always."""
+    """What one ingest did.
+
+    ``files_planned`` is what the plan listed (each member of a listed ZIP, each plain
+    file); reading finds more when an input is itself an archive, so ``files_seen`` (every
+    input found, = rows written + errors recorded, documented skips included) is at least
+    that. ``unaccounted`` names any source that produced fewer records than it was planned
+    with: it must stay empty.
+    """
 
     sources: int = 0
     sources_skipped: int = 0
+    files_planned: int = 0
     files_seen: int = 0
     rows_written: int = 0
     errors_recorded: int = 0
+    skipped: int = 0
+    warnings: int = 0
     duplicates: int = 0
     seconds: float = 0.0
     versions: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    unaccounted: list[str] = field(default_factory=list)
 
     @property
     def balanced(self) -> bool:
-        """The accounting identity every ingest must satisfy."""
-        return self.files_seen == self.rows_written + self.errors_recorded
+        """The accounting every ingest must satisfy: nothing planned went missing."""
+        return (not self.unaccounted
+                and self.files_seen == self.rows_written + self.errors_recorded
+                and self.files_seen >= self.files_planned)
 
 
 def _existing_counts(warehouse: Warehouse) -> Counter[tuple[str, str]]:
@@ -102,7 +124,10 @@ def _existing_counts(warehouse: Warehouse) -> Counter[tuple[str, str]]:
 
 
 def _is_stored(source: Source, counts: Counter[tuple[str, str]]) -> bool:
-    return source.error is None and counts[(source.path, source.fingerprint)] == source.input_count
+    """Unchanged and fully stored: at least the planned records under this fingerprint
+    (archives found inside add more). Faulty sources are tried again, skips are not."""
+    readable = source.error is None or source.error[0] is ErrorKind.SKIPPED
+    return readable and counts[(source.path, source.fingerprint)] >= source.input_count
 
 
 class _Progress:
@@ -195,7 +220,8 @@ def _find_duplicates(warehouse: Warehouse, written: list[WrittenFile],
                               existing.column("source").to_pylist(), strict=True):
         if uid is not None and src not in replaced:
             taken.setdefault(uid, path)
-    new_keys = sorted((path, uid) for f in written if f.table == INSTANCES for uid, path in f.keys)
+    new_keys = sorted((path, uid) for f in written if f.table == INSTANCES
+                      for uid, path, *_ in f.keys)
     duplicates: dict[str, str] = {}
     for path, uid in new_keys:
         if uid is None:
@@ -223,7 +249,7 @@ def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFi
     result: list[WrittenFile] = []
     moved: list[pa.Table] = []
     for f in written:
-        if f.table != INSTANCES or not any(path in duplicates for _, path in f.keys):
+        if f.table != INSTANCES or not any(path in duplicates for _, path, *_ in f.keys):
             result.append(f)
             continue
         data = pq.read_table(table_dir / f.path)
@@ -233,8 +259,9 @@ def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFi
                         lambda t, dup=is_dup: pc.invert(dup), schemas[INSTANCES])
         (table_dir / f.path).unlink()
         if kept is not None:
+            kept_keys = tuple(k for k in f.keys if k[1] not in duplicates)
             result.append(WrittenFile(INSTANCES, kept.path, kept.size, kept.rows,
-                                      kept.modification_time))
+                                      kept.modification_time, kept_keys))
     rows = pa.concat_tables(moved)
     errors = rows.select([c for c in ERROR_COLUMNS if c in rows.column_names
                           and c not in ("error_kind", "error", "ingested_at")])
@@ -248,8 +275,21 @@ def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFi
     errors_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(errors.cast(schemas[ERRORS]), errors_dir / name, compression="zstd")
     st = (errors_dir / name).stat()
-    result.append(WrittenFile(ERRORS, name, st.st_size, n, int(st.st_mtime * 1000)))
+    keys = tuple((ErrorKind.DUPLICATE.value, src) for src in errors.column("source").to_pylist())
+    result.append(WrittenFile(ERRORS, name, st.st_size, n, int(st.st_mtime * 1000), keys))
     return result
+
+
+def _unaccounted(sources: list[Source], written: list[WrittenFile]) -> list[str]:
+    """Sources that produced fewer records than the plan listed for them."""
+    got: Counter[str] = Counter()
+    for f in written:
+        if f.table == INSTANCES:
+            got.update(key[2] for key in f.keys)
+        elif f.table == ERRORS:
+            got.update(key[1] for key in f.keys)
+    return [f"{s.path}: {got[s.path]} of {s.input_count} inputs recorded"
+            for s in sources if got[s.path] < s.input_count]
 
 
 def _read_frame(spark: SparkSession, sources: list[Source]) -> DataFrame:
@@ -301,49 +341,54 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
     to_read = [s for s in sources if force or not _is_stored(s, counts)]
     result.sources = len(sources)
     result.sources_skipped = len(sources) - len(to_read)
-    result.files_seen = sum(s.input_count for s in to_read)
+    result.files_planned = sum(s.input_count for s in to_read)
     if on_plan:
-        on_plan(result.files_seen, result.sources_skipped)
+        on_plan(result.files_planned, result.sources_skipped)
     if not to_read:
         result.seconds = time.perf_counter() - started
         return result
 
-    inst_dir = warehouse.table_path(SCHEMA, INSTANCES)
-    err_dir = warehouse.table_path(SCHEMA, ERRORS)
+    dirs = {t: warehouse.table_path(SCHEMA, t) for t in (INSTANCES, ERRORS, WARNINGS)}
     frame = _read_frame(spark, to_read)
     targets = [
-        TableTarget(INSTANCES, str(inst_dir), INSTANCE_COLUMNS,
-                    key_columns=("sop_instance_uid", "path")),
-        TableTarget(ERRORS, str(err_dir), ERROR_COLUMNS, key_columns=("error_kind",)),
+        TableTarget(INSTANCES, str(dirs[INSTANCES]), INSTANCE_COLUMNS,
+                    key_columns=("sop_instance_uid", "path", "source")),
+        TableTarget(ERRORS, str(dirs[ERRORS]), ERROR_COLUMNS,
+                    key_columns=("error_kind", "source")),
+        TableTarget(WARNINGS, str(dirs[WARNINGS]), WARNING_COLUMNS, explode="warnings",
+                    route=INSTANCES),
     ]
-    schemas = {t.key: arrow_schema_of(frame, t.columns) for t in targets}
-    with _Progress(spark, result.files_seen, progress or (lambda n: None)):
+    schemas = {t.key: target_schema(frame, t) for t in targets}
+    with _Progress(spark, result.files_planned, progress or (lambda n: None)):
         written = write_files(frame, targets)
 
     replaced = {s.path for s in to_read}
     duplicates = _find_duplicates(warehouse, written, replaced)
     if duplicates:
-        written = _split_duplicates(inst_dir, err_dir, written, duplicates, schemas)
+        written = _split_duplicates(dirs[INSTANCES], dirs[ERRORS], written, duplicates,
+                                    schemas)
     result.duplicates = len(duplicates)
 
-    for table, table_dir in ((ERRORS, err_dir), (INSTANCES, inst_dir)):
-        removes, rewritten = _replace_sources(table_dir, replaced, schemas[table])
+    # instances last: a reader that sees a row also sees its errors' and warnings' commits
+    for table in (ERRORS, WARNINGS, INSTANCES):
+        removes, rewritten = _replace_sources(dirs[table], replaced, schemas[table])
         adds = [f for f in written if f.table == table] + rewritten
-        version = commit(table_dir, schemas[table], adds, removes, operation="INGEST")
+        version = commit(dirs[table], schemas[table], adds, removes, operation="INGEST",
+                         create_empty=True)
         if version is not None:
             result.versions[table] = version
-        rows = sum(f.rows for f in written if f.table == table)
-        if table == ERRORS:
-            result.errors_recorded = rows
-        else:
-            result.rows_written = rows
-        warehouse.register(spark, only=(SCHEMA, table))
+        if (SCHEMA, table) in warehouse.tables():
+            warehouse.register(spark, only=(SCHEMA, table))
+    result.rows_written = sum(f.rows for f in written if f.table == INSTANCES)
+    result.errors_recorded = sum(f.rows for f in written if f.table == ERRORS)
+    result.warnings = sum(f.rows for f in written if f.table == WARNINGS)
+    result.files_seen = result.rows_written + result.errors_recorded
+    result.unaccounted = _unaccounted(to_read, written)
 
     if (SCHEMA, INSTANCES) in warehouse.tables():
         result.versions.update(refresh_summaries(spark, warehouse))
-    kinds = Counter(kind for f in written if f.table == ERRORS for (kind,) in f.keys)
-    if duplicates:
-        kinds[ErrorKind.DUPLICATE.value] += len(duplicates)
+    kinds = Counter(key[0] for f in written if f.table == ERRORS for key in f.keys)
+    result.skipped = kinds.get(ErrorKind.SKIPPED.value, 0)
     result.error_kinds = dict(sorted(kinds.items()))
     result.seconds = time.perf_counter() - started
     return result

@@ -49,9 +49,9 @@ if TYPE_CHECKING:
     from dicomlake.udfs.pq import Codebook
 
 SCHEMA = "dicom"
-INSTANCES, ERRORS, EMBEDDINGS, PIXEL_ERRORS, CODES = (
-    "instances", "errors", "embeddings", "pixel_errors", "codes")
-COMMIT_ORDER = (ERRORS, PIXEL_ERRORS, EMBEDDINGS, CODES, INSTANCES)
+INSTANCES, ERRORS, WARNINGS, EMBEDDINGS, PIXEL_ERRORS, CODES = (
+    "instances", "errors", "warnings", "embeddings", "pixel_errors", "codes")
+COMMIT_ORDER = (ERRORS, WARNINGS, PIXEL_ERRORS, EMBEDDINGS, CODES, INSTANCES)
 CHECKPOINT_EVERY = 100
 """Write a Delta checkpoint every this many versions of a table the stream appends to."""
 
@@ -262,16 +262,11 @@ class LakeWriter:
     def _instance_row(self, rec: Record, upload: messages.Upload, data: bytes, target: Path,
                       ) -> dict[str, Any]:
         from dicomlake.catalog.columns import promoted_values
-        from dicomlake.catalog.header import read_header
+        from dicomlake.catalog.preflight import SNIFF_BYTES, parse_instance
 
-        if not data:
-            raise HeaderError(ErrorKind.EMPTY, "file is empty (0 bytes)")
-        has_preamble = data[128:132] == b"DICM"
-        if not has_preamble and not upload.name.lower().endswith((".dcm", ".dicom")):
-            raise HeaderError(ErrorKind.NOT_DICOM, "not a DICOM file (no DICM marker at byte "
-                                                   "128)")
-        header = read_header(io.BytesIO(data), uri=str(target), size=len(data),
-                             has_preamble=has_preamble)
+        # The batch source's own pre-check: content decides, never the upload's name.
+        header = parse_instance(io.BytesIO(data), uri=str(target), size=len(data),
+                                head=data[:SNIFF_BYTES])
         row: dict[str, Any] = {
             "path": str(target), "source": self._source(rec),
             "source_fingerprint": upload.sha256, "source_members": 1, "archive": None,
@@ -319,6 +314,10 @@ class LakeWriter:
             tmp.write_bytes(data)
             os.replace(tmp, target)
         out.add(INSTANCES, rec, row)
+        for warning in row.get("warnings") or ():
+            out.add(WARNINGS, rec, {"path": row["path"], "source": row["source"],
+                                    "sop_instance_uid": uid, **warning,
+                                    "ingested_at": row["ingested_at"]})
         if not uid:
             return
         try:

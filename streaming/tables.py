@@ -25,14 +25,17 @@ def _arrow_schemas() -> dict[str, object]:
         TimestampType,
     )
 
-    from dicomlake.catalog.dicom_source import CORRUPT_RECORD, ERROR_KIND, PROVENANCE, dicom_schema
+    from dicomlake.catalog.dicom_source import PROVENANCE, dicom_schema
+    from dicomlake.catalog.ingest import INSTANCE_COLUMNS, WARNING_COLUMNS
 
     stamp = StructField("ingested_at", TimestampType(), False)
-    instances = StructType([f for f in dicom_schema().fields
-                            if f.name not in (CORRUPT_RECORD, ERROR_KIND)] + [stamp])
+    instances = StructType([f for f in dicom_schema().fields if f.name in INSTANCE_COLUMNS]
+                           + [stamp])
     errors = StructType([*PROVENANCE.fields, StructField("error_kind", StringType()),
                          StructField("error", StringType()), stamp])
     s, i = StringType(), IntegerType()
+    warnings = StructType([StructField(n, s) for n in WARNING_COLUMNS if n != "ingested_at"]
+                          + [stamp])
     embeddings = StructType([
         StructField("sop_instance_uid", s), StructField("frame", i),
         StructField("embedding", ArrayType(FloatType())), StructField("model_id", s),
@@ -47,7 +50,8 @@ def _arrow_schemas() -> dict[str, object]:
         StructField("codebook_version", i), StructField("list_id", i),
         StructField("code", BinaryType())])
     return {name: to_arrow_schema(struct, timezone="UTC") for name, struct in (
-        ("instances", instances), ("errors", errors), ("embeddings", embeddings),
+        ("instances", instances), ("errors", errors), ("warnings", warnings),
+        ("embeddings", embeddings),
         ("pixel_errors", pixel_errors), ("codes", codes))}
 
 

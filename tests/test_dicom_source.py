@@ -73,10 +73,12 @@ class TestReading:
         nested.mkdir(parents=True)
         (nested / "a.zip").write_bytes(sample_archives[1].read_bytes())
         (tmp_path / "site" / "loose.DCM").write_bytes(shipped("CT_small.dcm"))
-        (tmp_path / "site" / "notes.txt").write_text("not an input")
+        (tmp_path / "site" / "notes.txt").write_text("not DICOM, still an input")
         rows = _rows(spark, tmp_path / "site")
-        assert len(rows) == 21
-        assert sum(r["archive"] is None for r in rows) == 1
+        assert len(rows) == 22
+        assert sum(r["archive"] is None for r in rows) == 2
+        notes = next(r for r in rows if r["path"].endswith("notes.txt"))
+        assert notes["_error_kind"] == "not_dicom"
         assert len(_rows(spark, tmp_path / "site" / "**" / "*.zip")) == 20
 
     def test_one_task_per_archive_and_big_archives_split(self, spark, sample_archives):
@@ -146,10 +148,12 @@ class TestBadInput:
         kinds = {m: r["_error_kind"] for m, r in rows.items()}
         assert kinds == {
             "ok.dcm": None, "noext": None, "notes/readme.txt": "not_dicom",
-            "empty.dcm": "empty", "badvr.dcm": "bad_value", "cut.dcm": "truncated",
+            "empty.dcm": "empty", "badvr.dcm": None, "cut.dcm": "truncated",
             "bomb.dcm": "too_large",
         }
-        assert "(0028,0008) NumberOfFrames" in rows["badvr.dcm"]["_corrupt_record"]
+        (warning,) = rows["badvr.dcm"]["warnings"]
+        assert warning["tag"] == "(0028,0008)" and warning["keyword"] == "NumberOfFrames"
+        assert rows["badvr.dcm"]["number_of_frames"] is None
         assert "zip bomb" in rows["bomb.dcm"]["_corrupt_record"]
         assert all(f"member {m}" in r["_corrupt_record"]
                    for m, r in rows.items() if r["_error_kind"])
@@ -185,7 +189,7 @@ class TestBadInput:
 
     def test_dropmalformed_keeps_only_good_rows(self, spark, bad_dir):
         rows = _rows(spark, bad_dir / "members.zip", mode="DROPMALFORMED")
-        assert sorted(r["member"] for r in rows) == ["noext", "ok.dcm"]
+        assert sorted(r["member"] for r in rows) == ["badvr.dcm", "noext", "ok.dcm"]
 
     def test_failfast_stops_with_the_member_named(self, spark, bad_dir):
         with pytest.raises(Exception, match=r"FAILFAST.*locked\.zip member secret\.dcm"):

@@ -9,8 +9,10 @@ import pydicom
 import pytest
 from dicom_files import shipped
 
+from dicomlake.catalog.columns import promoted_values
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.header import INLINE_BINARY_MAX, read_header
+from dicomlake.catalog.preflight import parse_instance
 
 
 def _read(data: bytes, uri: str = "mem://x.dcm"):
@@ -60,19 +62,26 @@ class TestBadHeaders:
             _read(shipped("MR_truncated.dcm"))
         assert info.value.kind is ErrorKind.TRUNCATED
 
-    def test_wrong_value_for_vr_names_the_tag(self):
-        with pytest.raises(HeaderError, match=r"\(0028,0008\) NumberOfFrames: IS value") as info:
-            _read(shipped("badVR.dcm"))
-        assert info.value.kind is ErrorKind.BAD_VALUE
+    def test_a_value_that_does_not_parse_is_a_warning_not_a_rejection(self):
+        """pydicom reads badVR.dcm; its NumberOfFrames stays as text in meta, the typed
+        column is NULL, and the warning names the tag and keeps the value."""
+        header = _read(shipped("badVR.dcm"))
+        (warning,) = header.warnings
+        assert (warning.tag, warning.keyword) == ("(0028,0008)", "NumberOfFrames")
+        assert "not a number" in warning.reason
+        assert header.meta["00280008"] == {"vr": "IS", "Value": [warning.value]}
+        assert promoted_values(header)["number_of_frames"] is None
 
     def test_truncated_header_names_the_element(self):
         with pytest.raises(HeaderError, match=r"\(300A,00B0\) BeamSequence.*truncated"):
             _read(shipped("rtplan_truncated.dcm"))
 
-    def test_text_file_is_not_dicom(self):
-        with pytest.raises(HeaderError) as info:
-            read_header(io.BytesIO(b"hello world" * 40), uri="x.dcm", size=440,
-                        has_preamble=False)
+    @pytest.mark.parametrize("data", [b"hello world" * 40, b"\x89PNG\r\n\x1a\n" + bytes(600)],
+                             ids=["text", "png"])
+    def test_text_or_png_named_dcm_is_not_dicom(self, data):
+        """Decided by content before parsing: not 'header larger than maxHeaderBytes'."""
+        with pytest.raises(HeaderError, match="not DICOM: no DICM marker") as info:
+            parse_instance(io.BytesIO(data), uri="x.dcm", size=len(data), head=data[:512])
         assert info.value.kind is ErrorKind.NOT_DICOM
 
     def test_cut_in_the_middle_of_the_header(self):

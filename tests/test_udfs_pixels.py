@@ -10,10 +10,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import UID
 
+from dicomlake.catalog.archives import MEMBER_SEPARATOR
 from dicomlake.catalog.sample import find_template
 from dicomlake.udfs.errors import PixelError, PixelErrorKind
 from dicomlake.udfs.pixels import (
-    MEMBER_SEPARATOR,
     load_frames,
     model_inputs,
     read_bytes,

@@ -10,8 +10,6 @@ image becomes a row in ``dicom.pixel_errors`` instead of failing a job.
 from __future__ import annotations
 
 import io
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,9 +19,6 @@ from dicomlake.udfs.errors import PixelError, PixelErrorKind
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-MEMBER_SEPARATOR = "!/"
-"""Separates archive and member in ``dicom.instances.path``."""
 
 MODEL_SIZE = 224
 """Side of the square image the CNNs take."""
@@ -37,30 +32,13 @@ Other modalities have no meaningful fixed scale, so the frame's 0.5-99.5 percent
 used instead (what viewers do for MR and CR).
 """
 
-_OPEN_ARCHIVES: OrderedDict[str, zipfile.ZipFile] = OrderedDict()
-_MAX_OPEN = 8
-
-
-def _archive(path: str) -> zipfile.ZipFile:
-    """An open ZipFile, kept per worker: re-reading a central directory per member is slow."""
-    zf = _OPEN_ARCHIVES.pop(path, None)
-    if zf is None:
-        zf = zipfile.ZipFile(path)
-        if len(_OPEN_ARCHIVES) >= _MAX_OPEN:
-            _OPEN_ARCHIVES.popitem(last=False)[1].close()
-    _OPEN_ARCHIVES[path] = zf
-    return zf
-
-
 def read_bytes(path: str) -> bytes:
-    """The bytes of one instance: a plain file or ``<archive>!/<member>``."""
+    """The bytes of one instance by its ``path`` (plain file, archive member, nested)."""
+    from dicomlake.catalog.archives import read_input
+
     try:
-        if MEMBER_SEPARATOR in path:
-            archive, member = path.split(MEMBER_SEPARATOR, 1)
-            return _archive(archive).read(member)
-        with open(path, "rb") as fh:
-            return fh.read()
-    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError) as exc:
+        return read_input(path)
+    except Exception as exc:  # any archive library's failure: this image's error row
         raise PixelError(PixelErrorKind.UNREADABLE, f"{path}: cannot read: {exc}") from exc
 
 
