@@ -9,6 +9,12 @@ computed and nothing else is measured:
   convert to JSON (``to_json_dict``), as the zipdcm data source does.
 * extract method: unzip each archive to a temporary folder, then ``dcmread`` each file and
   convert to JSON without pixel tags.
+
+Plus the real-world check (``realworld_*`` keys): the corpus of :mod:`dicomlake.bench.realworld`
+(other packages' DICOM files and variants derived from them), packed the ways archives arrive
+(a ZIP with UID-named members, a ``.tgz``, a CD-style folder of extensionless files), read
+through the ``dicom`` source; ``realworld_false_errors`` counts files pydicom reads that
+became error rows (target 0).
 """
 
 from __future__ import annotations
@@ -109,6 +115,68 @@ def sample_dir(files: int, files_per_archive: int) -> Path:
     return out
 
 
+def _pack_realworld(files: list[Path], root: Path) -> dict[str, bool]:
+    """Lay ``files`` out as archives arrive; returns each input's path -> pydicom reads it."""
+    import shutil
+    import tarfile
+    import warnings
+
+    def readable(path: Path) -> bool:
+        data = path.read_bytes()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcmread(io.BytesIO(data), stop_before_pixels=True,
+                        force=data[128:132] != b"DICM")
+            return True
+        except Exception:
+            return False
+
+    expected: dict[str, bool] = {}
+    cd = root / "cd" / "DICOM"
+    cd.mkdir(parents=True)
+    zip_path, tar_path = root / "export.zip", root / "archive.tgz"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf, \
+            tarfile.open(tar_path, "w:gz") as tf:
+        for i, path in enumerate(files):
+            uid_name = f"1.2.826.0.1.3680043.8.498.{i}"
+            where = i % 3
+            if where == 0:
+                zf.write(path, f"S{i // 10}/{uid_name}")
+                key = f"{zip_path}!/S{i // 10}/{uid_name}"
+            elif where == 1:
+                tf.add(path, f"study/{path.name}")
+                key = f"{tar_path}!/study/{path.name}"
+            else:
+                shutil.copy(path, cd / uid_name)
+                key = str(cd / uid_name)
+            expected[key] = readable(path)
+    return expected
+
+
+def realworld(spark: Any) -> dict[str, Any]:
+    """The ``realworld_*`` keys: the real-world corpus through the ``dicom`` source."""
+    from dicomlake.bench.realworld import make_variants, shipped_files
+
+    try:
+        shipped = shipped_files()
+    except FileNotFoundError as exc:
+        return {"realworld_files": None, "realworld_note": str(exc)}
+    with tempfile.TemporaryDirectory(prefix="dicomlake-realworld-") as tmp:
+        files = shipped + make_variants(Path(tmp) / "variants")
+        expected = _pack_realworld(files, Path(tmp) / "in")
+        rows = (spark.read.format("dicom").load(str(Path(tmp) / "in"))
+                .select("path", "_error_kind").collect())
+    errors = [r["path"] for r in rows if r["_error_kind"] is not None]
+    return {
+        "realworld_files": len(files),
+        "realworld_rows": len(rows) - len(errors),
+        "realworld_errors": len(errors),
+        "realworld_false_errors": sum(1 for p in errors if expected.get(p)),
+        "realworld_unaccounted": len(set(expected) - {r["path"] for r in rows}),
+    }
+
+
 def _timed_noop(spark: Any, fmt: str, path: str) -> float:
     started = time.perf_counter()
     spark.read.format(fmt).load(path).write.format("noop").mode("overwrite").save()
@@ -144,6 +212,7 @@ def run(*, files: int = 2000, files_per_archive: int = 50, rounds: int = 2) -> d
 
     ours = per_core("dicom")
     return {
+        **realworld(spark),
         "files": n_files,
         "rounds": rounds,
         "archives": n_files // files_per_archive,

@@ -395,6 +395,25 @@ class _Reader:
             if raw is None:
                 continue
             yield from self._input(base, raw, info.size, depth)
+        _check_tar_end(tf)
+
+
+def _check_tar_end(tf: tarfile.TarFile) -> None:
+    """Raise if the listing stopped at a damaged header rather than at the end.
+
+    tarfile ends its iteration quietly at a header with a bad checksum, which would make
+    every later member vanish; a real end is followed by nothing but zero padding.
+    """
+    fileobj = tf.fileobj
+    if fileobj is None:
+        return
+    if _can_seek(fileobj) and not isinstance(fileobj, tarfile._Stream):
+        fileobj.seek(tf.offset)  # the block tarfile refused is still there to check
+    while chunk := fileobj.read(1 << 16):
+        if chunk.strip(b"\0"):
+            raise HeaderError(ErrorKind.BAD_ARCHIVE,
+                              f"tar header at byte {tf.offset} is damaged (bad checksum or "
+                              "not a header); the members after it cannot be listed")
 
 
 def read_source(source: Source, start: int = 0, stop: int | None = None,

@@ -55,6 +55,17 @@ PROMOTED: tuple[tuple[str, int, str], ...] = (
 _PROMOTED_KEYS = {tag: f"{tag:08X}" for _, tag, _ in PROMOTED}
 
 
+def _person_name(value: object) -> str | None:
+    """A PN value as DICOM writes it (``Alphabetic=Ideographic=Phonetic``, trailing empty
+    groups dropped), the text pydicom gives: ``Yamada^Tarou=山田^太郎=やまだ^たろう``."""
+    if not isinstance(value, dict):
+        return None
+    groups = [value.get(g) or "" for g in ("Alphabetic", "Ideographic", "Phonetic")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups) or None
+
+
 def promoted_values(header: Header) -> dict[str, Any]:
     """The typed columns of one instance, plus ``meta``, the pixel data facts and the
     ``warnings`` of values that did not parse (a list of tag/keyword/value/reason)."""
@@ -67,7 +78,7 @@ def promoted_values(header: Header) -> dict[str, Any]:
         if kind == "str":
             values[name] = first
         elif kind == "name":
-            values[name] = first.get("Alphabetic") if isinstance(first, dict) else None
+            values[name] = _person_name(first)
         elif kind == "date":
             try:
                 values[name] = parse_da(first)

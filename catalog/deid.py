@@ -145,7 +145,8 @@ TABLES: dict[str, dict[str, Action]] = {
     "errors": {**_PROVENANCE, "error_kind": Action.KEEP, "error": Action.MESSAGE,
                "ingested_at": Action.KEEP},
     "warnings": {"path": Action.FILE, "source": Action.FILE, "member_index": Action.KEEP,
-                 "tag": Action.KEEP, "keyword": Action.KEEP, "ingested_at": Action.KEEP},
+                 "sop_instance_uid": Action.UID, "tag": Action.KEEP, "keyword": Action.KEEP,
+                 "ingested_at": Action.KEEP},
     # (warnings.value holds the offending value and reason may quote it: both left out)
     "series": {
         "series_instance_uid": Action.UID, "study_instance_uid": Action.UID,

@@ -390,7 +390,7 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
         raise HeaderError(ErrorKind.TRUNCATED, f"header ends early: {exc}") from exc
     except (ValueError, KeyError, TypeError, NotImplementedError, OverflowError) as exc:
         raise HeaderError(ErrorKind.BAD_HEADER, f"header cannot be parsed: {exc}") from exc
-    if not ds._dict:
+    if not ds._dict and not getattr(ds, "file_meta", None):
         raise HeaderError(ErrorKind.NOT_DICOM, "no DICOM elements found")
 
     file_meta = getattr(ds, "file_meta", None)
@@ -602,6 +602,8 @@ class _Parser:
         tsuid = ""
         media_class = None
         while True:
+            if self.complete and pos == self.n:  # file meta and no data set: pydicom reads it
+                return tsuid, media_class, pos
             self.need(pos + 8)
             if struct.unpack_from("<H", self.buf, pos)[0] != 0x0002:
                 return tsuid, media_class, pos
@@ -620,6 +622,8 @@ def _parse_prefix(buf: bytes, complete: bool, uri: str, size: int | None) -> Hea
     tsuid, media_class, pos = parser.file_meta()
     if tsuid in (EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR):
         raise _UsePydicom
+    if complete and pos == len(buf):
+        return _with_pixel_data({}, tsuid, ctx, size, pos, None, media_class)
     parser.need(pos + 6)
     # Trust the bytes over the declared syntax: some writers label implicit data explicit.
     implicit = tsuid == IMPLICIT_VR_LE or not (buf[pos + 4:pos + 6].isalpha()

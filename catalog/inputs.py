@@ -145,6 +145,11 @@ def _walk(folder: str) -> Iterator[Source]:
                                   f"{exc.strerror or exc}"))
 
 
+def _describe_named(path: str) -> Source:
+    reason = skip_reason(os.path.basename(path))
+    return _skipped(path, reason) if reason is not None else describe(path)
+
+
 def plan_sources(paths: Iterable[str]) -> list[Source]:
     """Files, folders (walked recursively) and globs to sources, sorted and de-duplicated.
 
@@ -158,7 +163,7 @@ def plan_sources(paths: Iterable[str]) -> list[Source]:
         path = os.path.abspath(os.path.expanduser(raw))
         hits = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
         for hit in hits:
-            sources = _walk(hit) if os.path.isdir(hit) else [describe(hit)]
+            sources = _walk(hit) if os.path.isdir(hit) else [_describe_named(hit)]
             for source in sources:
                 found.setdefault(source.path, source)
     return [found[p] for p in sorted(found)]

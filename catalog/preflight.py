@@ -15,6 +15,7 @@ Jupyter server alike.
 from __future__ import annotations
 
 import struct
+import zlib
 from enum import StrEnum
 from typing import IO, TYPE_CHECKING
 
@@ -156,6 +157,10 @@ def parse_instance(fp: IO[bytes], *, uri: str, size: int | None, head: bytes,
                              max_header_bytes=max_header_bytes)
     except HeaderError:
         raise
+    except zlib.error as exc:  # only a deflated dataset is inflated while parsing
+        raise HeaderError(ErrorKind.BAD_HEADER,
+                          "the deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) is "
+                          f"corrupt: {exc}") from exc
     except Exception as exc:  # any library's failure is this input's error
         raise HeaderError(ErrorKind.BAD_HEADER,
                           f"header cannot be parsed ({type(exc).__name__}: {exc})") from exc

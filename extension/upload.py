@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALLOWED_SUFFIXES = (".dcm", ".dicom", ".zip", "")
-"""File names the browser may upload (DICOM files often have no suffix)."""
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -81,10 +79,9 @@ class UploadManager:
         if total > MAX_UPLOAD_BYTES:
             raise UploadError(f"upload is {total} bytes; at most {MAX_UPLOAD_BYTES} bytes per "
                               "upload (use `dicomlake ingest` for larger sets)")
-        for name, _ in files:
-            if Path(name).suffix.lower() not in ALLOWED_SUFFIXES:
-                raise UploadError(f"{name!r} is not a DICOM file or ZIP archive; allowed "
-                                  f"suffixes: .dcm, .dicom, .zip or none")
+        # No check of names: what a file is (DICOM, ZIP, tar, neither) is decided by its
+        # content in the ingest (catalog.preflight); UID-named files have "suffixes" like
+        # ".4", and anything that is not DICOM becomes a not_dicom error row of the job.
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         job_id = f"{stamp}-{uuid.uuid4().hex[:8]}"
         folder = self.home / "uploads" / safe_name(owner) / job_id

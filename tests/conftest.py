@@ -6,9 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from dicomlake.catalog.sample import Profile, make_sample
 from dicomlake.config import Settings
+
+# Fuzzing budget: 300 examples per property in CI; HYPOTHESIS_PROFILE=deep for 5,000.
+hypothesis_settings.register_profile("ci", max_examples=300)
+hypothesis_settings.register_profile("deep", max_examples=5000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -119,3 +119,60 @@ def test_a_new_process_sees_the_tables_by_name(spark, lake, sample_archives, set
          "SELECT count(*) AS n FROM dicom.instances WHERE modality IN ('CT', 'MR')"],
         env=env, capture_output=True, text=True, timeout=300, check=True)
     assert " 20 " in out.stdout.splitlines()[2] + " "
+
+
+def _real_world_folder(root, sample_archive):
+    """Archives and folders as they arrive, with the damage that used to abort an ingest."""
+    import io
+    import tarfile
+
+    from dicom_files import make_dicom
+
+    root.mkdir()
+    shutil.copy(sample_archive, root / "good.zip")  # 20 images + README.txt
+    with zipfile.ZipFile(root / "bz.zip", "w", zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("IM1.dcm", shipped("CT_small.dcm"))
+    data = bytearray((root / "bz.zip").read_bytes())
+    data[60:300] = b"\xa5" * 240  # inside the bzip2 stream: OSError: Invalid data stream
+    (root / "bz.zip").write_bytes(bytes(data))
+    with zipfile.ZipFile(root / "dupes.zip", "w") as zf:
+        zf.writestr("IM1", make_dicom(preamble=False))
+        zf.writestr("IM1", make_dicom(pixels=False))
+        zf.writestr("__MACOSX/._IM1", b"\0\5\26\7")
+    with tarfile.open(root / "cd.tgz", "w:gz") as tf:
+        for name, payload in (("DICOMDIR", shipped("DICOMDIR")),
+                              ("DICOM/1.3.6.1.4.1.5962.99.4",
+                               make_dicom(StudyDate="19770707", raw={"19770707": b"1990/01/"}))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    uids = root / "export" / "1.2.840.113619"
+    uids.mkdir(parents=True)
+    (uids / "1.2.840.113619.2.1").write_bytes(make_dicom())
+    (uids / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return root
+
+
+def test_damaged_and_odd_inputs_never_abort_an_ingest(spark, lake, tmp_path, sample_archives):
+    """One damaged member (a corrupt bzip2 stream) used to abort the job and lose the good
+    archives of the same run; now it is one error row and everything else is ingested."""
+    folder = _real_world_folder(tmp_path / "in", sample_archives[0])
+
+    result = ingest(spark, lake, [str(folder)])
+
+    assert result.balanced, result.unaccounted
+    assert result.error_kinds == {"bad_archive": 1, "dicomdir": 1, "not_dicom": 1,
+                                  "skipped": 2}
+    assert (result.rows_written, result.errors_recorded, result.skipped) == (20 + 2 + 1 + 1,
+                                                                             5, 2)
+    paths = [r["path"] for r in spark.sql("SELECT path FROM dicom.instances").collect()]
+    assert len(paths) == len(set(paths))
+    assert f"{folder}/dupes.zip!/IM1[1]" in paths
+    (warning,) = spark.sql("SELECT * FROM dicom.warnings").collect()
+    assert (warning["tag"], warning["value"]) == ("(0008,0020)", "1990/01/")
+    assert warning["path"] == f"{folder}/cd.tgz!/DICOM/1.3.6.1.4.1.5962.99.4"
+    bad = spark.sql("SELECT * FROM dicom.errors WHERE error_kind = 'bad_archive'").first()
+    assert bad["member"] == "IM1.dcm" and "bz.zip member IM1.dcm" in bad["error"]
+
+    again = ingest(spark, lake, [str(folder)])  # unchanged sources, skips included: no work
+    assert (again.files_seen, again.sources_skipped) == (0, result.sources)

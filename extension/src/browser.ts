@@ -52,7 +52,7 @@ export class DatasetBrowser extends Widget {
     });
     const apply = h('button', { className: 'jp-DicomlakeBrowser-apply jp-mod-styled jp-mod-accept', text: 'Search' });
     apply.addEventListener('click', () => void this.search());
-    this._fileInput = h('input', { className: 'jp-DicomlakeBrowser-file', attrs: { type: 'file', multiple: '', accept: '.dcm,.dicom,.zip,application/dicom,application/zip' } });
+    this._fileInput = h('input', { className: 'jp-DicomlakeBrowser-file', attrs: { type: 'file', multiple: '' } });
     this._fileInput.hidden = true;
     this._fileInput.addEventListener('change', () => void this.upload(Array.from(this._fileInput.files ?? [])));
     const upload = h('button', { className: 'jp-DicomlakeBrowser-upload jp-mod-styled', text: '⤒ Upload', title: 'Add DICOM files or ZIP archives to the lake' });
