@@ -31,7 +31,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.preflight import (
@@ -224,7 +224,7 @@ class _Reader:
     def _input(self, base: Found, raw: IO[bytes], size: int | None, depth: int,
                top_file: str | None = None) -> Iterator[Found]:
         what = f"member {base.member}" if base.member else base.path
-        stream = _MemberStream(raw, what)
+        stream = cast(IO[bytes], _MemberStream(raw, what))
         try:
             head = stream.read(SNIFF_BYTES)
             stream.seek(0)
@@ -271,7 +271,7 @@ class _Reader:
                 else base.path
             yield replace(base, path=path, member=label).failed(kind, message)
 
-    def _archive(self, base: Found, stream: _MemberStream, content: Content, depth: int,
+    def _archive(self, base: Found, stream: IO[bytes], content: Content, depth: int,
                  top_file: str | None) -> Iterator[Found]:
         if depth >= self.limits.max_depth:
             raise HeaderError(ErrorKind.TOO_LARGE,
@@ -291,18 +291,19 @@ class _Reader:
                                              depth + 1)
             return
         if content is Content.TAR:
-            mode = "r:" if top_file is not None else "r|"
-            tf = tarfile.open(top_file, mode) if top_file is not None else tarfile.open(
-                fileobj=stream, mode=mode)
+            # a plain tar file seeks past member data; a tar inside something streams
+            tf = (tarfile.open(top_file, "r:") if top_file is not None
+                  else tarfile.open(fileobj=stream, mode="r|"))
             with tf:
                 yield from self._tar_members(tf, archive, prefix, depth + 1)
             return
         opener: Callable[[IO[bytes]], IO[bytes]] = {
-            Content.GZIP: lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
-            Content.BZIP2: lambda f: bz2.BZ2File(f, mode="rb"),
-            Content.XZ: lambda f: lzma.LZMAFile(f, mode="rb"),
+            Content.GZIP: lambda f: cast(IO[bytes], gzip.GzipFile(fileobj=f, mode="rb")),
+            Content.BZIP2: lambda f: cast(IO[bytes], bz2.BZ2File(f, mode="rb")),
+            Content.XZ: lambda f: cast(IO[bytes], lzma.LZMAFile(f, mode="rb")),
         }[content]
-        inner = _MemberStream(opener(stream), f"compressed {base.member or base.path}")
+        inner = cast(IO[bytes], _MemberStream(opener(stream),
+                                              f"compressed {base.member or base.path}"))
         head = inner.read(SNIFF_BYTES)
         inner.seek(0)
         if sniff(head) is Content.TAR:
@@ -404,10 +405,11 @@ def _check_tar_end(tf: tarfile.TarFile) -> None:
     tarfile ends its iteration quietly at a header with a bad checksum, which would make
     every later member vanish; a real end is followed by nothing but zero padding.
     """
-    fileobj = tf.fileobj
+    fileobj = cast(IO[bytes] | None, tf.fileobj)
     if fileobj is None:
         return
-    if _can_seek(fileobj) and not isinstance(fileobj, tarfile._Stream):
+    stream_mode = type(fileobj).__name__ == "_Stream"  # tarfile's forward-only reader
+    if _can_seek(fileobj) and not stream_mode:
         fileobj.seek(tf.offset)  # the block tarfile refused is still there to check
     while chunk := fileobj.read(1 << 16):
         if chunk.strip(b"\0"):

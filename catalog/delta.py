@@ -222,10 +222,23 @@ def commit(table_path: str | Path, schema: pa.Schema, adds: list[WrittenFile],
     now = int(time.time() * 1000)
     actions += [RemoveAction(p, True, now) for p in removes or []]
     table = DeltaTable(table_path)
+    _add_new_columns(table, schema)
     table.create_write_transaction(actions, mode="append", schema=schema,
                                    commit_properties=props)
     table.update_incremental()
     return table.version()
+
+
+def _add_new_columns(table: Any, schema: pa.Schema) -> None:
+    """Add the columns a newer dicomlake writes (e.g. ``member_index``) to a table made by
+    an older one: a commit alone would keep the old schema and drop them silently."""
+    import pyarrow as pa
+    from deltalake import Schema
+
+    have = set(pa.schema(table.schema().to_arrow()).names)
+    missing = [f.with_nullable(True) for f in schema if f.name not in have]
+    if missing:
+        table.alter.add_columns(list(Schema.from_arrow(pa.schema(missing)).fields))
 
 
 def active_files(table_path: str | Path) -> list[str]:

@@ -176,3 +176,26 @@ def test_damaged_and_odd_inputs_never_abort_an_ingest(spark, lake, tmp_path, sam
 
     again = ingest(spark, lake, [str(folder)])  # unchanged sources, skips included: no work
     assert (again.files_seen, again.sources_skipped) == (0, result.sources)
+
+
+def test_a_table_written_by_an_older_version_gains_the_new_columns(tmp_path):
+    """A lake made before ``member_index`` existed: the next commit adds the column instead
+    of silently dropping it (a plain Delta commit keeps the old schema)."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import write_deltalake
+
+    from dicomlake.catalog.delta import WrittenFile, commit
+
+    path = tmp_path / "instances"
+    write_deltalake(str(path), pa.table({"path": ["old"]}))
+    schema = pa.schema([("path", pa.string()), ("member_index", pa.int32())])
+    pq.write_table(pa.table({"path": ["new"], "member_index": [3]}, schema=schema),
+                   path / "new.parquet")
+    st = os.stat(path / "new.parquet")
+    commit(path, schema, [WrittenFile("instances", "new.parquet", st.st_size, 1,
+                                      int(st.st_mtime * 1000))])
+    rows = DeltaTable(str(path)).to_pyarrow_table().sort_by("path").to_pylist()
+    assert rows == [{"path": "new", "member_index": 3}, {"path": "old", "member_index": None}]
