@@ -311,7 +311,9 @@ class DeltaTableReader(DataSourceReader):
         from pyspark.sql.pandas.types import to_arrow_schema
 
         target = to_arrow_schema(self.schema, timezone="UTC")
-        for path in partition.paths:
+        # A table without files plans no partitions; Spark then still reads one partition of
+        # its own (a plain InputPartition), which holds no rows.
+        for path in getattr(partition, "paths", ()):
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(batch_size=4096, columns=target.names):
                 # Spark insists on its exact Arrow types (list field names, tz, widths).
