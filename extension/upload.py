@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomlake.catalog.preflight import SNIFF_BYTES, Content, sniff
+
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -79,9 +81,12 @@ class UploadManager:
         if total > MAX_UPLOAD_BYTES:
             raise UploadError(f"upload is {total} bytes; at most {MAX_UPLOAD_BYTES} bytes per "
                               "upload (use `dicomlake ingest` for larger sets)")
-        # No check of names: what a file is (DICOM, ZIP, tar, neither) is decided by its
-        # content in the ingest (catalog.preflight); UID-named files have "suffixes" like
-        # ".4", and anything that is not DICOM becomes a not_dicom error row of the job.
+        # Judged by content, never by name (UID-named files have "suffixes" like ".4"): the
+        # ingest's own pre-check says at once what is neither DICOM nor an archive.
+        for name, body in files:
+            if sniff(body[:SNIFF_BYTES]) in (Content.OTHER, Content.EMPTY):
+                raise UploadError(f"{name!r} is neither DICOM nor an archive (ZIP, tar, gzip): "
+                                  f"its content starts with {body[:16]!r}")
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         job_id = f"{stamp}-{uuid.uuid4().hex[:8]}"
         folder = self.home / "uploads" / safe_name(owner) / job_id

@@ -49,3 +49,21 @@ def test_bad_sql_is_reported_not_a_traceback(spark, settings):
     assert result.exit_code == 1
     assert "Error: [PARSE_SYNTAX_ERROR]" in result.output
     assert "Traceback" not in result.output
+
+
+def test_ingest_of_damaged_and_odd_inputs_exits_0_and_counts_every_input(spark, settings,
+                                                                           sample_archives,
+                                                                           tmp_path):
+    """`dicomlake ingest` as users run it, on the inputs that used to abort it or vanish:
+    a corrupt bzip2 member, repeated member names, a .tgz with a DICOMDIR, UID-named files,
+    operating-system litter. Exit code 0, and the summary accounts for all of them."""
+    from test_ingest import _real_world_folder
+
+    folder = _real_world_folder(tmp_path / "in", sample_archives[0])
+    (folder / "good.zip").unlink()  # its images are already in the shared lake
+    result = CliRunner().invoke(main, ["ingest", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert ("files seen: 8 = rows written: 4 + errors recorded: 4 (of which skipped by rule: 2)"
+            in result.output)
+    assert "bad_archive: 1, dicomdir: 1, skipped: 2" in result.output
+    assert "values kept as text: 1" in result.output

@@ -321,8 +321,9 @@ def test_upload_ingests_and_embeds(api, tmp_path):
 
 def test_upload_refuses_other_files_and_unpermitted_users(api, servers):
     response = api.post("uploads",
-                             files={"files": ("notes.txt", b"hello", "text/plain")})
-    assert response.status_code == 400 and "notes.txt" in response.json()["message"]
+                             files={"files": ("notes.dcm", b"hello", "application/dicom")})
+    message = response.json()["message"]
+    assert response.status_code == 400 and "notes.dcm" in message and "b'hello'" in message
     servers.map_identity({"*": {"sql_user": SQL_USER, "password": SQL_PASSWORD,
                                 "upload": False}})
     try:
