@@ -2,8 +2,10 @@
 
 Layers, outermost first: :mod:`~dicomlake.sql.server` (HTTP resource, auth, TLS),
 :mod:`~dicomlake.sql.query` (query lifecycle and limits), :mod:`~dicomlake.sql.translate`
-(Trino SQL to a plan), :mod:`~dicomlake.sql.engine` (Spark). Beside them: users and roles
-(:mod:`~dicomlake.sql.users`), masking for analysts, the audit log, type mapping.
+(Trino SQL to a plan), :mod:`~dicomlake.sql.engine` (Spark). Beside them: users
+(:mod:`~dicomlake.sql.users`), one Spark session per role (:mod:`~dicomlake.sql.roles`) whose
+statements are judged on Spark's plans (:mod:`~dicomlake.sql.guard`), the audit log, type
+mapping. Analysts read the stored de-identified tables of :mod:`dicomlake.catalog.deid`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
-"""The audit log: every statement and every failed login, in the Delta table
-``system.audit_log`` (admins query it like any table).
+"""The audit log: every statement, every refused request and every failed login, in the
+Delta table ``system.audit_log`` (admins query it like any table).
+
+A statement is stored whole (with the prepared statements its request carried); statements
+longer than the server's ``max_statement_bytes`` (1 MiB by default) are refused before they
+run, and the refusal is recorded with its size. Refused requests (HTTP 400, 401, 403, 404,
+411, 413, 429, 431) are rows with ``event = 'request_refused'`` or ``'login_failed'``, the
+user they claimed, the client address and the status.
 
 Records are appended by a background thread in one Delta commit per flush (at most one a
 second, or sooner when the buffer fills), so auditing adds no Delta commit to a query's
@@ -12,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,12 +28,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUDIT_SCHEMA_NAME, AUDIT_TABLE_NAME = "system", "audit_log"
-MAX_SQL_CHARS = 65536
 
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One audited event: a statement (``event='query'``) or a failed login."""
+    """One audited event: a statement (``event='query'``), a refused request
+    (``'request_refused'``) or a failed login (``'login_failed'``)."""
 
     event: str
     user: str | None
@@ -43,6 +49,10 @@ class AuditRecord:
     error_message: str | None
     client_address: str | None
     source: str | None
+    http_status: int | None = None
+    """The HTTP status the request was answered with (200 for statements)."""
+    prepared: str | None = None
+    """The prepared statements (name -> SQL, JSON) the request carried in its headers."""
 
 
 def audit_schema() -> pa.Schema:
@@ -56,7 +66,7 @@ def audit_schema() -> pa.Schema:
         ("rows", pa.int64()), ("started_at", ts), ("finished_at", ts),
         ("duration_ms", pa.int64()), ("error_name", pa.string()),
         ("error_message", pa.string()), ("client_address", pa.string()),
-        ("source", pa.string()),
+        ("source", pa.string()), ("http_status", pa.int32()), ("prepared", pa.string()),
     ])
 
 
@@ -91,8 +101,6 @@ class AuditLog:
 
     def append(self, record: AuditRecord) -> None:
         """Queue a record; it is committed within ``flush_seconds``."""
-        if record.sql is not None and len(record.sql) > MAX_SQL_CHARS:
-            record = AuditRecord(**{**asdict(record), "sql": record.sql[:MAX_SQL_CHARS]})
         with self._lock:
             self._buffer.append(record)
             if len(self._buffer) >= self.max_buffer:
@@ -112,7 +120,9 @@ class AuditLog:
                        for name in audit_schema().names}
             table = pa.table(columns, schema=audit_schema())
             try:
-                write_deltalake(str(self.table_path), table, mode="append")
+                # merge: a log made before a column was added gains it
+                write_deltalake(str(self.table_path), table, mode="append",
+                                schema_mode="merge")
             except Exception:  # keep the records for the next try; never lose them silently
                 log.exception("audit log append to %s failed; will retry", self.table_path)
                 with self._lock:

@@ -32,11 +32,17 @@ def _read_password(password_stdin: bool) -> str:
               help="Per-query time limit in seconds (queue time included).")
 @click.option("--max-rows", default=5_000_000, show_default=True,
               help="Largest result a query may return.")
+@click.option("--max-concurrent-per-user", type=int, default=None,
+              help="Queries one user may run at once [default: half of --max-concurrent].")
+@click.option("--public-url", default=None,
+              help="URL clients reach this server by (e.g. behind a proxy); nextUri starts "
+                   "with it [default: the bound address].")
 @click.option("--with-stream", is_flag=True,
               help="Also run the upload stream (broker + Flink job) while serving; it is "
                    "stopped with the server unless it was already running.")
 def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
           max_concurrent: int, timeout_seconds: float, max_rows: int,
+          max_concurrent_per_user: int | None, public_url: str | None,
           with_stream: bool) -> None:
     """Serve the lake over the Trino protocol (trino CLI, JDBC, Python, BI tools)."""
     from dicomlake.console import start_session
@@ -46,7 +52,9 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
 
     try:
         config = ServerConfig(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
+                              public_url=public_url,
                               limits=Limits(max_concurrent=max_concurrent,
+                                            max_concurrent_per_user=max_concurrent_per_user,
                                             timeout_seconds=timeout_seconds,
                                             max_rows=max_rows))
     except ValueError as exc:
@@ -117,8 +125,8 @@ def _store() -> object:
 @click.argument("name")
 @click.option("--role", type=click.Choice(["admin", "clinician", "analyst"]),
               default="analyst", show_default=True,
-              help="admin: everything; clinician: read, sees identifiers; analyst: read, "
-                   "identifiers masked.")
+              help="admin: everything; clinician: queries, sees identifiers; analyst: "
+                   "queries on the de-identified dicom_deid tables only.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
 def user_add(name: str, role: str, password_stdin: bool) -> None:
     """Create a user."""

@@ -1,4 +1,7 @@
-"""The engine behind the endpoint: one Spark session, statements run in job groups.
+"""The engine behind the endpoint: one Spark session per role, statements run in job groups.
+
+Each statement runs in its user's role session (:mod:`.roles`); non-admin statements are
+parsed, checked and analysed there by :meth:`RoleSession.dataframe`.
 
 Each running query owns a Spark job group, so cancelling it (client ``DELETE``, timeout,
 shutdown) is ``cancelJobGroup``: Spark kills its tasks (``interruptOnCancel``), the Python
@@ -24,10 +27,13 @@ from dicomlake.sql.types import needs_text
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import DataFrame
+
+    from dicomlake.sql.roles import RoleSessions
+    from dicomlake.sql.users import Role
 
 _INTERNAL_NAMES = re.compile(
-    r"`?__dl_masked__(\w+?)__(\w+)`?|`?__dl_md__(\w+)`?")
+    r"`?__dl_rel__(\w+?)__(\w+)`?|`?__dl_md__(\w+)`?")
 
 _SPARK_ERRORS: dict[str, E.ErrorCode] = {
     "TABLE_OR_VIEW_NOT_FOUND": E.TABLE_NOT_FOUND,
@@ -42,6 +48,7 @@ _SPARK_ERRORS: dict[str, E.ErrorCode] = {
     "CAST_INVALID_INPUT": E.INVALID_CAST_ARGUMENT,
     "DATATYPE_MISMATCH": E.TYPE_MISMATCH,
     "TABLE_OR_VIEW_ALREADY_EXISTS": E.TABLE_ALREADY_EXISTS,
+    "USER_RAISED_EXCEPTION": E.GENERIC_USER_ERROR,
 }
 
 
@@ -97,6 +104,7 @@ def _python_worker_reason(text: str) -> tuple[str, str] | None:
 
 def query_error(exc: BaseException) -> QueryError:
     """A Spark failure as a Trino error (user errors for analysis problems)."""
+    from py4j.protocol import Py4JJavaError
     from pyspark.errors import PySparkException
 
     condition = ""
@@ -104,10 +112,13 @@ def query_error(exc: BaseException) -> QueryError:
     if isinstance(exc, PySparkException):
         condition = (exc.getCondition() or "") if hasattr(exc, "getCondition") else ""
         params = exc.getMessageParameters() or {}
+    text = str(exc)
+    if isinstance(exc, Py4JJavaError):  # raised by a direct JVM call: the JVM's own message
+        text = str(exc.java_exception.getMessage() or exc.java_exception.toString())
     base = condition.split(".", 1)[0]
     code = _SPARK_ERRORS.get(base)
-    message = public_message(str(exc))
-    reason = _python_worker_reason(str(exc))
+    message = public_message(text)
+    reason = _python_worker_reason(text)
     if reason is not None:
         raiser, message = reason[0], public_message(reason[1])
         # The project's own errors (bad k, unknown id, no codebook) are the user's to fix.
@@ -116,9 +127,12 @@ def query_error(exc: BaseException) -> QueryError:
     if code is None:
         from pyspark.errors import AnalysisException, ParseException
 
-        if isinstance(exc, (AnalysisException, ParseException)):
-            code = E.GENERIC_USER_ERROR
-        elif "ArithmeticException" in str(exc) or "SparkArithmeticException" in str(exc):
+        java = exc.java_exception.getClass().getName() if isinstance(exc, Py4JJavaError) else ""
+        if isinstance(exc, (AnalysisException, ParseException)) or java.endswith(
+                ("AnalysisException", "ParseException")):
+            code = (E.SYNTAX_ERROR if java.endswith("ParseException")
+                    else _SPARK_ERRORS.get(_condition_of(text), E.GENERIC_USER_ERROR))
+        elif "ArithmeticException" in text or "SparkArithmeticException" in text:
             code = E.GENERIC_USER_ERROR
         else:
             code = E.GENERIC_INTERNAL_ERROR
@@ -131,11 +145,18 @@ SMALL_RESULT = 10_000
 """Results up to this many rows are collected in one job; larger ones are streamed."""
 
 
-class SparkEngine:
-    """Runs Spark SQL for the service."""
+def _condition_of(text: str) -> str:
+    """The error class of a Spark message such as ``[TABLE_OR_VIEW_NOT_FOUND] ...``."""
+    match = re.match(r"\s*\[([A-Z_]+)(?:\.[A-Z_]+)?\]", text)
+    return match.group(1) if match else ""
 
-    def __init__(self, spark: SparkSession) -> None:
-        self.spark = spark
+
+class SparkEngine:
+    """Runs Spark SQL for the service, each statement in its role's session."""
+
+    def __init__(self, sessions: RoleSessions) -> None:
+        self.sessions = sessions
+        self.spark = sessions.admin()
 
     def _arrow_ready(self, df: DataFrame) -> DataFrame:
         from pyspark.sql import functions as F
@@ -146,16 +167,17 @@ class SparkEngine:
             F.col(f"`{f.name}`").cast("string").alias(f.name) if needs_text(f.dataType)
             else F.col(f"`{f.name}`") for f in df.schema.fields])
 
-    def execute(self, sql: str, *, group: str, description: str, is_query: bool,
+    def execute(self, sql: str, *, role: Role, group: str, description: str, is_query: bool,
                 row_limit: int | None, rename: dict[str, str] | None = None) -> ResultStream:
-        """Start a statement in job group ``group`` and return its result stream.
+        """Start a statement in job group ``group`` of ``role``'s session and return its
+        result stream.
 
         ``row_limit`` makes Spark stop after that many rows (+1, so the caller can tell the
         result was cut), which keeps a runaway ``SELECT *`` from computing everything.
         """
         sc = self.spark.sparkContext
         sc.setJobGroup(group, description[:200], interruptOnCancel=True)
-        df = self.spark.sql(sql)
+        df = self.sessions.get(role).dataframe(sql)
         if rename and any(old in df.columns for old in rename):
             df = df.withColumnsRenamed({old: new for old, new in rename.items()
                                         if old in df.columns})
@@ -205,9 +227,10 @@ class SparkEngine:
         for payload in _local_iterator_from_socket(sock_info, NoOpSerializer()):
             yield pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
 
-    def output_columns(self, sql: str) -> list[tuple[str, T.DataType]]:
+    def output_columns(self, sql: str, role: Role) -> list[tuple[str, T.DataType]]:
         """Columns a query would return (analysis only, no job)."""
-        return [(f.name, f.dataType) for f in self.spark.sql(sql).schema.fields]
+        df = self.sessions.get(role).dataframe(sql)
+        return [(f.name, f.dataType) for f in df.schema.fields]
 
     def job_statuses(self, group: str) -> list[str]:
         """Statuses (RUNNING, SUCCEEDED, FAILED, ...) of the Spark jobs of a job group."""

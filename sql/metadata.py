@@ -8,9 +8,9 @@ registered first, so tables ingested by another process appear without a restart
 published as small in-memory Spark views; metadata queries are then ordinary Spark SQL over
 those views, so ``WHERE``, ``LIKE`` and joins behave as clients expect.
 
-Two variants of every view exist: one for admins and one for readers, which leaves out the
-``system`` schema (the audit log is admin-only). Analysts' masked views are built here too,
-from the same snapshot, so a table is never readable by an analyst before its mask exists.
+Each role's metadata views live in that role's own Spark session (:mod:`.roles`) and list
+only what the role may read: analysts see ``dicom_deid``, clinicians every lake schema but the
+admin-only ``system``, admins everything.
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import types as T
 
-from dicomlake.sql.masking import MASK_META_FUNCTION, mask_meta, masked_view_sql
+from dicomlake.sql.roles import metadata_view, readable, relation_view
 from dicomlake.sql.types import trino_type
+from dicomlake.sql.users import Role
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyspark.sql import SparkSession
+
+    from dicomlake.sql.roles import RoleSessions
 
 CATALOG = "dicomlake"
 """The Trino catalog name of the lake."""
 SYSTEM_CATALOG = "system"
-ADMIN_ONLY_SCHEMAS = frozenset({"system"})
-"""Lake schemas only admins may see or read (``system.audit_log``)."""
 INFORMATION_SCHEMA = "information_schema"
 
 _JDBC_TYPES = {"boolean": 16, "tinyint": -6, "smallint": 5, "integer": 4, "bigint": -5,
@@ -109,23 +112,12 @@ class TableInfo:
     is_view: bool = False
 
 
-def view_name(kind: str) -> str:
-    """The temp view holding one metadata table (rows carry ``_admin_only``)."""
-    return f"__dl_md__{kind}"
-
-
-ADMIN_ONLY_COLUMN = "_admin_only"
-"""Extra column of every metadata view: True for rows only admins may see."""
+view_name = metadata_view
 
 
 def view_columns(kind: str) -> list[str]:
     """The public column names of a metadata view."""
     return [part.strip().split()[0] for part in VIEW_COLUMNS[kind].split(",")]
-
-
-def masked_view_name(schema: str, table: str) -> str:
-    """The analyst's view of ``schema.table``."""
-    return f"__dl_masked__{schema}__{table}"
 
 
 def _sql_literal(value: Any) -> str:
@@ -159,20 +151,25 @@ def _column_size(data_type: T.DataType) -> int | None:
 
 
 class LakeCatalog:
-    """Snapshot of the Spark catalog, published lazily as metadata and masked views.
+    """Snapshot of the lake's tables, published to each role's session as views.
 
     Checking for change is cheap (a glob of the warehouse folder, plus a flag set after
-    admin DDL), so it runs on every lookup; the full re-read (Spark catalog calls) runs only
-    when something changed, on a miss, or every ``full_refresh_seconds`` in the background.
-    Views are (re)built on first use after a change, one by one.
+    admin DDL), so it runs on every lookup; the full re-read (Spark catalog calls on the admin
+    session) runs only when something changed, on a miss, or every ``full_refresh_seconds``
+    in the background. Each non-admin session then gets a view per table its role may read
+    (and loses views of tables that went away); metadata views are (re)built per role on
+    first use after a change, from that role's tables only.
     """
 
-    def __init__(self, spark: SparkSession, warehouse_root: Path, salt: str, *,
-                 full_refresh_seconds: float = 60.0) -> None:
-        self.spark = spark
+    def __init__(self, sessions: RoleSessions, warehouse_root: Path, *,
+                 full_refresh_seconds: float = 60.0,
+                 maintain: Callable[[], object] | None = None) -> None:
+        self.sessions = sessions
+        self.spark = sessions.admin()
         self.warehouse_root = Path(warehouse_root)
-        self.salt = salt
         self.full_refresh_seconds = full_refresh_seconds
+        self.maintain = maintain
+        """Called before each background re-read (the server refreshes the twins there)."""
         self._lock = threading.RLock()
         self._tables: dict[tuple[str, str], TableInfo] = {}
         self._schemas: list[str] = []
@@ -182,23 +179,16 @@ class LakeCatalog:
         self._taken_at = 0.0
         self._fingerprint: object = None
         self._version = 0
-        self._built: dict[str, int] = {}
+        self._built: dict[tuple[Role, str], int] = {}
         self._stop = threading.Event()
-        self._register_mask_function()
-
-    def _register_mask_function(self) -> None:
-        salt = self.salt
-
-        def mask(meta: str | None) -> str | None:
-            return mask_meta(meta, salt)
-
-        self.spark.udf.register(MASK_META_FUNCTION, mask, "string")
 
     def start_background_refresh(self) -> LakeCatalog:
         """Re-read the catalog every ``full_refresh_seconds`` off the request path."""
         def run() -> None:
             while not self._stop.wait(self.full_refresh_seconds):
                 try:
+                    if self.maintain is not None:
+                        self.maintain()
                     self.refresh(force=True)
                 except Exception:  # keep serving the last good snapshot
                     logging.getLogger(__name__).exception("catalog refresh failed")
@@ -241,20 +231,26 @@ class LakeCatalog:
         from dicomlake.catalog.warehouse import Warehouse
 
         with self._lock:
-            listed = Warehouse(self.warehouse_root).tables()
+            warehouse = Warehouse(self.warehouse_root)
+            listed = warehouse.tables()
             if not force and not self._stale and listed == self._warehouse_tables:
                 return
             schemas, tables = self._take()
             fingerprint = (tuple(schemas), tuple(
                 (k, tuple((c.name, c.data_type.simpleString()) for c in t.columns))
                 for k, t in sorted(tables.items())))
-            if fingerprint != self._fingerprint:
+            changed = fingerprint != self._fingerprint
+            if changed:
                 self._fingerprint = fingerprint
                 self._version += 1
             self._schemas, self._tables = schemas, tables
             self._warehouse_tables = listed
             self._stale = False
             self._taken_at = time.monotonic()
+            if changed:
+                for session in self.sessions.guarded():
+                    session.sync({key: str(warehouse.table_path(*key)) for key in listed
+                                  if key in tables and readable(session.role, key[0])})
 
     def invalidate(self) -> None:
         """Mark the snapshot stale (after DDL) so the next use re-reads the catalog."""
@@ -263,64 +259,69 @@ class LakeCatalog:
 
     # -- lookups ----------------------------------------------------------------------------
 
-    def schemas(self, *, admin: bool) -> list[str]:
-        self.refresh()
-        return [s for s in self._schemas if admin or s not in ADMIN_ONLY_SCHEMAS]
+    def _visible(self, role: Role) -> dict[tuple[str, str], TableInfo]:
+        """The tables ``role`` may read: admins everything Spark knows; others lake tables."""
+        if role is Role.ADMIN:
+            return self._tables
+        self.sessions.get(role)  # refuses roles this server cannot isolate
+        listed = set(self._warehouse_tables or ())
+        return {k: t for k, t in self._tables.items()
+                if k in listed and readable(role, k[0])}
 
-    def table(self, schema: str, name: str, *, admin: bool) -> TableInfo | None:
-        """The table if it exists and this kind of user may see it (re-reads on a miss)."""
-        if not admin and schema in ADMIN_ONLY_SCHEMAS:
+    def schemas(self, role: Role) -> list[str]:
+        self.refresh()
+        if role is Role.ADMIN:
+            return list(self._schemas)
+        return sorted({schema for schema, _ in self._visible(role)})
+
+    def table(self, schema: str, name: str, role: Role) -> TableInfo | None:
+        """The table if it exists and ``role`` may read it (re-reads on a miss)."""
+        if not readable(role, schema):
             return None
         self.refresh()
-        found = self._tables.get((schema, name))
+        found = self._visible(role).get((schema, name))
         if found is None:
             self.refresh(force=True)
-            found = self._tables.get((schema, name))
+            found = self._visible(role).get((schema, name))
         return found
 
-    def has_schema(self, schema: str, *, admin: bool) -> bool:
+    def relation(self, schema: str, name: str, role: Role) -> tuple[str, ...]:
+        """The name a role's Spark SQL reads ``schema.name`` by: the catalog table for admins,
+        the role session's own view for everyone else."""
+        if role is Role.ADMIN:
+            return (schema, name)
+        return (relation_view(schema, name),)
+
+    def has_schema(self, schema: str, role: Role) -> bool:
         if schema == INFORMATION_SCHEMA:
             return True
-        if schema in self.schemas(admin=admin):
+        if schema in self.schemas(role):
             return True
         self.refresh(force=True)
-        return schema in self.schemas(admin=admin)
+        return schema in self.schemas(role)
 
     # -- views ------------------------------------------------------------------------------
 
-    def metadata_view(self, kind: str) -> str:
-        """Name of the up-to-date metadata view ``kind`` (built now if stale)."""
+    def metadata_view(self, kind: str, role: Role) -> str:
+        """Name of the up-to-date metadata view ``kind`` in ``role``'s session."""
         self.refresh()
         name = view_name(kind)
+        session = self.sessions.get(role)
         with self._lock:
-            if self._built.get(name) != self._version:
-                self._build_metadata_view(kind, name)
-                self._built[name] = self._version
+            if self._built.get((role, name)) != self._version:
+                self._build_metadata_view(kind, name, session.spark, role)
+                session.add_metadata_view(name)
+                self._built[(role, name)] = self._version
         return name
 
-    def masked_view(self, schema: str, table: str) -> str:
-        """Name of the up-to-date masked view of ``schema.table`` (built now if stale)."""
-        name = masked_view_name(schema, table)
-        with self._lock:
-            info = self._tables.get((schema, table))
-            if info is not None and self._built.get(name) != self._version:
-                sql = masked_view_sql(schema, table, [c.name for c in info.columns], self.salt)
-                self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{name}` AS {sql}")
-                self._built[name] = self._version
-        return name
-
-    def _build_metadata_view(self, kind: str, name: str) -> None:
+    def _build_metadata_view(self, kind: str, name: str, spark: SparkSession,
+                             role: Role) -> None:
         # SQL VALUES rather than createDataFrame: no Python-side type conversion machinery
         # (which imports optional packages) and no job; the rows are few.
         fields = [part.strip().split() for part in VIEW_COLUMNS[kind].split(",")]
-        fields.append([ADMIN_ONLY_COLUMN, "boolean"])
-        tables = sorted(self._tables.values(), key=lambda t: (t.schema, t.name))
-        rows = [(*row, False) for row in self._rows_for(
-            kind, [s for s in self._schemas if s not in ADMIN_ONLY_SCHEMAS],
-            [t for t in tables if t.schema not in ADMIN_ONLY_SCHEMAS])]
-        seen = {row[:-1] for row in rows}
-        rows += [(*row, True) for row in self._rows_for(kind, self._schemas, tables)
-                 if tuple(row) not in seen]
+        tables = sorted(self._visible(role).values(), key=lambda t: (t.schema, t.name))
+        schemas = self._schemas if role is Role.ADMIN else sorted({t.schema for t in tables})
+        rows = self._rows_for(kind, schemas, tables)
         casts = ", ".join(f"CAST(c{i} AS {t.upper()}) AS `{n}`" for i, (n, t) in enumerate(fields))
         if rows:
             values = ", ".join("(" + ", ".join(_sql_literal(v) for v in row) + ")"
@@ -330,7 +331,7 @@ class LakeCatalog:
         else:
             nulls = ", ".join(f"NULL AS c{i}" for i in range(len(fields)))
             body = f"SELECT {casts} FROM (SELECT {nulls}) WHERE false"
-        self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{name}` AS {body}")
+        spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{name}` AS {body}")
 
     def _rows_for(self, kind: str, schemas: list[str],
                   tables: list[TableInfo]) -> list[tuple[Any, ...]]:

@@ -7,20 +7,22 @@ The client pulls pages with ``GET nextUri``; when it stops pulling, the producer
 a result is never held whole in memory. Every page answers one token; the previous answer
 is kept so a client retrying the same token gets the same page.
 
-Limits: a per-query time limit and result-row cap, a cap on concurrently running queries,
-and an abandonment timer for clients that vanish. All three end the Spark job through its
-job group.
+Limits: a per-query time limit and result-row cap, a cap on concurrently running queries
+(and a lower one per user, so one user cannot hold every slot while others wait), and an
+abandonment timer for clients that vanish. Time limit, cancel and abandonment end the Spark
+job through its job group.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import logging
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from dicomlake.sql.metadata import LakeCatalog
     from dicomlake.sql.session import ClientSession
     from dicomlake.sql.translate import Translator
-    from dicomlake.sql.users import Principal
+    from dicomlake.sql.users import Principal, Role
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class Limits:
 
     max_concurrent: int = 4
     """Queries running on Spark at once; more wait as ``QUEUED``."""
+    max_concurrent_per_user: int | None = None
+    """Queries one user may run at once (default: half of ``max_concurrent``, at least 1);
+    the user's further queries wait as ``QUEUED`` while other users' queries start."""
     timeout_seconds: float = 600.0
     """Default and (for non-admins) maximum time for a query, queue time included."""
     max_rows: int = 5_000_000
@@ -81,6 +86,12 @@ class Limits:
     """How long a request waits for new rows before answering with an empty page."""
     keep_finished_seconds: float = 900.0
     """How long finished queries stay visible at their ``infoUri``."""
+
+    @property
+    def per_user(self) -> int:
+        if self.max_concurrent_per_user is not None:
+            return max(1, min(self.max_concurrent_per_user, self.max_concurrent))
+        return max(1, self.max_concurrent // 2)
 
 
 _COUNTER = itertools.count()
@@ -271,6 +282,9 @@ class QueryManager:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=limits.max_concurrent,
                                         thread_name_prefix="dicomlake-query")
+        self._waiting: deque[Query] = deque()
+        self._running_by_user: Counter[str] = Counter()
+        self._running = 0
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="dicomlake-reaper",
                                         daemon=True)
@@ -310,11 +324,44 @@ class QueryManager:
             query.finish()
             self._end(query, None)
             return query
-        self._pool.submit(self._run, query)
+        with self._lock:
+            self._waiting.append(query)
+        self._dispatch()
         return query
 
+    def _dispatch(self) -> None:
+        """Start waiting queries, oldest first, while slots are free and their user is under
+        the per-user cap (a user at the cap does not block other users' queries). Queries
+        cancelled while waiting leave the queue here, and are audited."""
+        with self._lock:
+            gone = [q for q in self._waiting if q.terminal]
+            for query in gone:
+                self._waiting.remove(query)
+            while self._running < self.limits.max_concurrent and self._waiting:
+                pick = next((q for q in self._waiting
+                             if self._running_by_user[q.principal.name] < self.limits.per_user),
+                            None)
+                if pick is None:
+                    break
+                self._waiting.remove(pick)
+                self._running += 1
+                self._running_by_user[pick.principal.name] += 1
+                self._pool.submit(self._run_in_slot, pick)
+        for query in gone:
+            self._end(query, None)
+
+    def _run_in_slot(self, query: Query) -> None:
+        try:
+            self._run(query)
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._running_by_user[query.principal.name] -= 1
+            self._dispatch()
+
     def _run(self, query: Query) -> None:
-        if query.terminal:
+        if query.terminal:  # cancelled between leaving the queue and starting
+            self._end(query, None)
             return
         plan = query.plan
         assert plan is not None and plan.spark_sql is not None
@@ -326,7 +373,7 @@ class QueryManager:
             if plan.reads_audit_log:
                 self.audit.flush()
             if plan.kind == "describe_output":
-                self._describe_output(query, plan.spark_sql)
+                self._describe_output(query, plan.spark_sql, query.principal.role)
             else:
                 self._stream(query, plan)
         except BaseException as exc:
@@ -342,7 +389,8 @@ class QueryManager:
     def _stream(self, query: Query, plan: Plan) -> None:
         assert plan.spark_sql is not None
         limit = self.limits.max_rows
-        result = self.engine.execute(plan.spark_sql, group=query.job_group,
+        result = self.engine.execute(plan.spark_sql, role=query.principal.role,
+                                     group=query.job_group,
                                      description=query.sql, is_query=plan.is_query,
                                      row_limit=limit, rename=plan.rename)
         if not result.columns:
@@ -392,11 +440,11 @@ class QueryManager:
             query.put_page(*held, last=True)
         query.finish()
 
-    def _describe_output(self, query: Query, sql: str) -> None:
+    def _describe_output(self, query: Query, sql: str, role: Role) -> None:
         from dicomlake.sql.translate import _DESCRIBE_OUTPUT_COLUMNS
         from dicomlake.sql.types import trino_type
 
-        columns = self.engine.output_columns(sql)
+        columns = self.engine.output_columns(sql, role)
         rows = [[name, "", "", "", trino_type(data_type)[0], 0, False]
                 for name, data_type in columns]
         query.set_columns(_DESCRIBE_OUTPUT_COLUMNS)
@@ -429,7 +477,9 @@ class QueryManager:
             duration_ms=int((now - query.created_at).total_seconds() * 1000),
             error_name=final.code.name if final else None,
             error_message=final.message if final else None,
-            client_address=query.client_address, source=query.session.source))
+            client_address=query.client_address, source=query.session.source,
+            http_status=200,
+            prepared=json.dumps(query.session.prepared) if query.session.prepared else None))
 
     # -- lookup and cancel ------------------------------------------------------------------
 
@@ -447,6 +497,7 @@ class QueryManager:
         cancelled = query.request_cancel(reason)
         if cancelled:
             self.engine.cancel(query.job_group)
+            self._dispatch()  # a query cancelled while waiting leaves the queue (audited)
         return cancelled
 
     def _reap(self) -> None:

@@ -11,6 +11,9 @@ calls Spark (Kyuubi's ``StatementResource`` habit). Endpoints:
 * ``GET /v1/query/{id}`` - query info; ``GET /v1/info`` and ``/v1/info/state`` - liveness.
 
 Plain HTTP is accepted only on a loopback address; any other bind address needs TLS.
+Every refused request is audited (user claimed, client address, status); failed logins back
+off per user and per address (:class:`~dicomlake.sql.users.LoginThrottle`); ``nextUri`` and
+``infoUri`` are built from the configured public URL, never from the request's ``Host``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from dicomlake.sql.errors import AuthenticationError, QueryError, SqlServiceErro
 from dicomlake.sql.protocol import info_json, message_json
 from dicomlake.sql.query import Limits, Query, QueryManager
 from dicomlake.sql.session import ClientSession
-from dicomlake.sql.users import Authenticator, Principal, Role, UserStore
+from dicomlake.sql.users import Authenticator, LoginThrottle, Principal, Role, UserStore
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -50,7 +53,6 @@ SERVER_VERSION = f"476-dicomlake-{__version__}"
 
 _EXECUTING = re.compile(r"^/v1/statement/(?:executing|queued)/([\w-]+)/([\w-]+)/(\d+)$")
 _QUERY = re.compile(r"^/v1/query/([\w-]+)$")
-_HOST = re.compile(r"^[A-Za-z0-9.\-]+(?::\d+)?$|^\[[0-9a-fA-F:.]+\](?::\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ class ServerConfig:
     tls_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
     max_statement_bytes: int = 1 << 20
+    """Longest statement accepted (and audited whole); longer ones are refused with 413."""
+    public_url: str | None = None
+    """The URL clients reach the server by (behind a proxy, say); default: the bound
+    address. ``nextUri`` and ``infoUri`` start with it."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -140,29 +146,52 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         if body and self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, status: int, message: str, **extra: Any) -> None:
-        headers = [("WWW-Authenticate", 'Basic realm="dicomlake"')] if status == 401 else []
+    def _error(self, status: int, message: str, *, user: str | None = None,
+               event: str = "request_refused", headers: list[tuple[str, str]] | None = None,
+               audit_reason: str | None = None, **extra: Any) -> None:
+        """Answer with an HTTP error and audit the refusal (with ``audit_reason`` where the
+        log may say more than the client is told)."""
+        self.server.app.audit_refusal(status, audit_reason or message, user=user, event=event,
+                                      address=self.client_address[0], path=self._path())
+        headers = list(headers or [])
+        if status == 401:
+            headers.append(("WWW-Authenticate", 'Basic realm="dicomlake"'))
         self._send(status, message_json(message, **extra), headers=headers)
 
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """http.server's own refusals (bad request line, 414, 431 header too large) are
+        audited like ours."""
+        self.server.app.audit_refusal(int(code), message or explain or "bad request",
+                                      user=None, event="request_refused",
+                                      address=self.client_address[0], path=self._path())
+        super().send_error(code, message, explain)
+
+    def _path(self) -> str | None:
+        path = getattr(self, "path", None)
+        return path.split("?", 1)[0][:200] if isinstance(path, str) else None
+
+    def _claimed_user(self) -> str | None:
+        headers = getattr(self, "headers", None)
+        if headers is None:
+            return None
+        return headers.get("X-Trino-User") or headers.get("X-Presto-User")
+
     def _base_url(self) -> str:
-        host = self.headers.get("Host", "")
-        if not _HOST.match(host):
-            addr, port = self.server.server_address[:2]
-            host = f"{addr}:{port}"
-        return f"{self.server.app.config.scheme}://{host}"
+        return self.server.app.public_url
 
     # -- authentication ---------------------------------------------------------------------
 
     def _principal(self) -> Principal | None:
         """The authenticated user, or None after answering 401/403."""
         app = self.server.app
+        address = self.client_address[0]
         header = self.headers.get("Authorization", "")
-        claimed = self.headers.get("X-Trino-User") or self.headers.get("X-Presto-User")
+        claimed = self._claimed_user()
         if not header.lower().startswith("basic "):
-            app.audit_login_failure(claimed, "no credentials (HTTP Basic required)",
-                                    self.client_address[0])
             self._error(401, "Authentication required: send HTTP Basic credentials "
-                             "(user and password made with `dicomlake user add`)")
+                             "(user and password made with `dicomlake user add`)",
+                        user=claimed, event="login_failed")
             return None
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
@@ -170,19 +199,28 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
             if not sep:
                 raise ValueError("no ':' in credentials")
         except (binascii.Error, UnicodeDecodeError, ValueError):
-            app.audit_login_failure(claimed, "malformed Basic credentials",
-                                    self.client_address[0])
-            self._error(401, "Malformed HTTP Basic credentials")
+            self._error(401, "Malformed HTTP Basic credentials", user=claimed,
+                        event="login_failed")
+            return None
+        wait = app.throttle.wait_seconds(name, address)
+        if wait > 0:  # refused before the password is looked at
+            retry = max(1, round(wait))
+            self._error(429, f"Too many failed logins for this user or address; retry in "
+                             f"{retry} s", user=name, event="login_failed",
+                        headers=[("Retry-After", str(retry))])
             return None
         try:
             principal = app.authenticator.authenticate(name, password)
         except AuthenticationError as exc:
-            app.audit_login_failure(name, str(exc), self.client_address[0])
-            self._error(401, "Invalid credentials: user name or password is wrong")
+            app.throttle.failed(name, address)
+            # the client is not told which part was wrong; the audit log is
+            self._error(401, "Invalid credentials: user name or password is wrong",
+                        user=name, event="login_failed", audit_reason=str(exc))
             return None
+        app.throttle.succeeded(name, address)
         if claimed and claimed != principal.name:
             self._error(403, f"Access Denied: user '{principal.name}' cannot impersonate "
-                             f"user '{claimed}'")
+                             f"user '{claimed}'", user=principal.name)
             return None
         return principal
 
@@ -206,12 +244,12 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
             elif m := _QUERY.match(path):
                 self._query_info(principal, m.group(1))
             return
-        self._error(404, f"No such endpoint: GET {path}")
+        self._error(404, f"No such endpoint: GET {path}", user=self._claimed_user())
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if path != "/v1/statement":
-            self._error(404, f"No such endpoint: POST {path}")
+            self._error(404, f"No such endpoint: POST {path}", user=self._claimed_user())
             return
         principal = self._principal()
         if principal is None:
@@ -220,7 +258,8 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         app = self.server.app
         length_text = self.headers.get("Content-Length")
         if length_text is None:
-            self._error(411, "Content-Length is required; send the SQL text as the body")
+            self._error(411, "Content-Length is required; send the SQL text as the body",
+                        user=principal.name)
             self.close_connection = True
             return
         try:
@@ -228,24 +267,26 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
             if length < 0:
                 raise ValueError(length_text)
         except ValueError:
-            self._error(400, f"Content-Length {length_text!r} is not a byte count")
+            self._error(400, f"Content-Length {length_text!r} is not a byte count",
+                        user=principal.name)
             self.close_connection = True
             return
         if length > app.config.max_statement_bytes:
             self._error(413, f"Statement is {length} bytes; the limit is "
-                             f"{app.config.max_statement_bytes}")
+                             f"{app.config.max_statement_bytes}", user=principal.name)
             self.close_connection = True
             return
         raw = self.rfile.read(length)
         try:
             sql = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            self._error(400, f"The statement is not valid UTF-8 ({exc}); send SQL text")
+            self._error(400, f"The statement is not valid UTF-8 ({exc}); send SQL text",
+                        user=principal.name)
             return
         try:
             session = ClientSession.from_headers(self.headers)
         except QueryError as exc:
-            self._error(400, exc.message, error=exc.to_json())
+            self._error(400, exc.message, user=principal.name, error=exc.to_json())
             return
         query = app.manager.submit(sql, session, principal, self.client_address[0])
         body = query.respond(0, base_url=self._base_url(),
@@ -257,7 +298,7 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         m = _EXECUTING.match(path) or _QUERY.match(path)
         if m is None:
-            self._error(404, f"No such endpoint: DELETE {path}")
+            self._error(404, f"No such endpoint: DELETE {path}", user=self._claimed_user())
             return
         principal = self._principal()
         if principal is None:
@@ -266,7 +307,8 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         if query is None:
             return
         if m.re is _EXECUTING and m.group(2) != query.slug:
-            self._error(404, f"Query {query.id} has no URI with that slug")
+            self._error(404, f"Query {query.id} has no URI with that slug",
+                        user=principal.name)
             return
         self.server.app.manager.cancel(query)
         self._send(204)
@@ -285,7 +327,8 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         query = self.server.app.manager.get(query_id)
         if query is None or (query.principal.name != principal.name
                              and principal.role is not Role.ADMIN):
-            self._error(404, f"Query {query_id} does not exist (or has expired)")
+            self._error(404, f"Query {query_id} does not exist (or has expired)",
+                        user=principal.name)
             return None
         return query
 
@@ -294,13 +337,14 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         if query is None:
             return
         if slug != query.slug:
-            self._error(404, f"Query {query_id} has no URI with that slug")
+            self._error(404, f"Query {query_id} has no URI with that slug",
+                        user=principal.name)
             return
         body = query.respond(token, base_url=self._base_url(),
                              wait=self.server.app.config.limits.max_wait_seconds)
         if body is None:
             self._error(404, f"Token {token} of query {query_id} is not the current or next "
-                             "page; follow nextUri in order")
+                             "page; follow nextUri in order", user=principal.name)
             return
         self._send(200, body, headers=query.changes.headers())
 
@@ -337,8 +381,8 @@ class SqlServer:
         from dicomlake.catalog.warehouse import Warehouse
         from dicomlake.session import build_session
         from dicomlake.sql.engine import SparkEngine
-        from dicomlake.sql.masking import load_salt
         from dicomlake.sql.metadata import LakeCatalog
+        from dicomlake.sql.roles import RoleSessions
         from dicomlake.sql.translate import Translator
 
         store = UserStore(self.settings.home)
@@ -347,17 +391,20 @@ class SqlServer:
                 f"no SQL users in {store.path}; create one first, e.g. "
                 "`dicomlake user add admin --role admin`")
         self.authenticator = Authenticator(store)
+        self.throttle = LoginThrottle()
+        self.refresh_deidentified()  # a writer that stopped before refreshing is caught up
         spark = self._spark or build_session(self.settings, app_name="dicomlake-sql")
         self.spark = spark
         warehouse = Warehouse(self.settings.warehouse_path)
         self.audit = AuditLog(warehouse.table_path(AUDIT_SCHEMA_NAME, AUDIT_TABLE_NAME)).start()
-        self.catalog = LakeCatalog(spark, self.settings.warehouse_path,
-                                   load_salt(self.settings.home))
+        sessions = RoleSessions(spark, self.settings)
+        self.catalog = LakeCatalog(sessions, self.settings.warehouse_path,
+                                   maintain=self.refresh_deidentified)
         self.catalog.refresh(force=True)
         self.catalog.start_background_refresh()
         translator = Translator(self.catalog, server_version=SERVER_VERSION,
                                 max_timeout_seconds=self.config.limits.timeout_seconds)
-        self.manager = QueryManager(engine=SparkEngine(spark), translator=translator,
+        self.manager = QueryManager(engine=SparkEngine(sessions), translator=translator,
                                     catalog=self.catalog, audit=self.audit,
                                     limits=self.config.limits)
         http = _HttpServer((self.config.host, self.config.port), TrinoRequestHandler)
@@ -374,9 +421,22 @@ class SqlServer:
 
     @property
     def url(self) -> str:
+        """The bound address."""
         assert self._http is not None
         host, port = self._http.server_address[:2]
         return f"{self.config.scheme}://{host}:{port}"
+
+    @property
+    def public_url(self) -> str:
+        """What ``nextUri``/``infoUri`` start with: the configured public URL, else
+        :attr:`url` (never the client's ``Host`` header)."""
+        return (self.config.public_url or self.url).rstrip("/")
+
+    def refresh_deidentified(self) -> None:
+        """Bring the ``dicom_deid`` twins up to date (cheap when nothing changed)."""
+        from dicomlake.catalog.deid import refresh
+
+        refresh(self.settings.warehouse_path, self.settings.home)
 
     def serve_forever(self) -> None:
         assert self._http is not None
@@ -390,13 +450,19 @@ class SqlServer:
         self._thread.start()
         return self
 
-    def audit_login_failure(self, user: str | None, reason: str, address: str | None) -> None:
+    def audit_refusal(self, status: int, reason: str, *, user: str | None, event: str,
+                      address: str | None, path: str | None) -> None:
+        """Record a refused request (``event``: ``request_refused`` or ``login_failed``)."""
+        if not hasattr(self, "audit"):
+            return
         now = dt.datetime.now(dt.UTC)
+        name = "AUTHENTICATION_FAILED" if event == "login_failed" else f"HTTP_{status}"
         self.audit.append(AuditRecord(
-            event="login_failed", user=user, role=None, query_id=None, sql=None,
-            state="LOGIN_FAILED", rows=0, started_at=now, finished_at=now, duration_ms=0,
-            error_name="AUTHENTICATION_FAILED", error_message=reason, client_address=address,
-            source=None))
+            event=event, user=user, role=None, query_id=None, sql=None,
+            state="LOGIN_FAILED" if event == "login_failed" else "REFUSED", rows=0,
+            started_at=now, finished_at=now, duration_ms=0, error_name=name,
+            error_message=f"{reason} ({path})" if path else reason, client_address=address,
+            source=None, http_status=status))
 
     def shutdown(self, *, stop_spark: bool = True) -> None:
         """Stop listening, cancel running queries, flush the audit log, stop Spark."""

@@ -7,11 +7,14 @@ HTTP and never runs a Spark job. It
   ``EXECUTE [IMMEDIATE] ... USING``, ``DEALLOCATE PREPARE``, transactions),
 * turns metadata statements (``SHOW CATALOGS/SCHEMAS/TABLES/COLUMNS``, ``DESCRIBE``) into
   Spark SQL over the metadata views of :mod:`dicomlake.sql.metadata`,
-* parses everything else with sqlglot's Trino dialect, checks it against the user's role,
-  resolves ``catalog.schema.table`` names (``information_schema`` and ``system.*`` to
-  metadata views, analysts' tables to masked views) and writes Spark SQL.
+* parses everything else with sqlglot's Trino dialect, resolves ``catalog.schema.table``
+  names against what the user's role may read (``information_schema`` and ``system.*`` to
+  the role's metadata views, lake tables to the role session's views) and writes Spark SQL.
 
-Errors carry the line and column in the text the client sent.
+What a statement may *do* is not decided here: the role's Spark session judges the Spark SQL
+on Spark's own parsed plan (:mod:`.guard`), so a statement sqlglot reads as a query but Spark
+runs as a write (``SELECT ... INTO``) is refused there. Errors carry the line and column in the
+text the client sent.
 """
 
 from __future__ import annotations
@@ -29,9 +32,7 @@ from sqlglot.errors import ErrorLevel, ParseError, SqlglotError
 
 from dicomlake.sql import errors as E
 from dicomlake.sql.errors import QueryError
-from dicomlake.sql.masking import needs_mask
 from dicomlake.sql.metadata import (
-    ADMIN_ONLY_COLUMN,
     CATALOG,
     INFORMATION_SCHEMA,
     INFORMATION_SCHEMA_TABLES,
@@ -49,17 +50,11 @@ logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 READ_STATEMENTS = (exp.Select, exp.Union, exp.Intersect, exp.Except, exp.Values,
                    exp.Subquery)
-"""Statement kinds a read-only user may run."""
+"""Statements that return rows (whether one may run is Spark's plan's to say, see .guard)."""
 
-ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "image_knn", "explode", "explode_outer",
-                                     "inline", "inline_outer", "posexplode", "stack",
-                                     "json_tuple"})
-"""Table functions non-admins may call (no file readers such as ``read_files``)."""
-
-DENIED_FUNCTIONS = frozenset({"reflect", "java_method", "try_reflect", "read_files",
-                              "input_file_name", "input_file_block_start",
-                              "input_file_block_length"})
-"""Functions only admins may call: they reach the JVM or the file system."""
+SERVER_ANSWERED = ("current_user", "session_user", "user")
+"""Functions Spark would answer with the server's OS account; the service answers them with
+the SQL user instead."""
 
 _IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$@-]*)'
 _QNAME = rf"{_IDENT}(?:\s*\.\s*{_IDENT}){{0,2}}"
@@ -143,6 +138,15 @@ def locate_name(sql: str, name: str) -> tuple[int | None, int | None]:
         if ident.name.lower() == name.lower():
             return _position(sql, ident)
     return None, None
+
+
+def _hint(schema: str, principal: Principal) -> str:
+    """What an analyst looking for a raw table should read instead."""
+    from dicomlake.catalog.deid import DEID_SCHEMA, RAW_SCHEMA
+
+    if principal.role is Role.ANALYST and schema == RAW_SCHEMA:
+        return f"; analysts read the de-identified tables in schema {DEID_SCHEMA}"
+    return ""
 
 
 def _syntax_error(sql: str, exc: ParseError) -> QueryError:
@@ -235,7 +239,7 @@ class Translator:
             schema = session.schema
         exists = (schema in ("information_schema", "jdbc", "metadata")
                   if catalog == SYSTEM_CATALOG
-                  else self.catalog.has_schema(schema, admin=principal.role is Role.ADMIN))
+                  else self.catalog.has_schema(schema, principal.role))
         if not exists:
             raise QueryError(E.SCHEMA_NOT_FOUND, f"Schema '{catalog}.{schema}' does not exist")
         return catalog, schema
@@ -366,34 +370,32 @@ class Translator:
     def _like(self, m: re.Match[str], column: str) -> str:
         return f" AND {column} LIKE {_lit(_unquote_string(m['like']))}" if m["like"] else ""
 
-    def _view(self, kind: str, principal: Principal) -> tuple[str, str]:
-        """A metadata view and the filter that hides admin-only rows from others."""
-        hidden = "" if principal.role is Role.ADMIN else f" AND NOT {ADMIN_ONLY_COLUMN}"
-        return self.catalog.metadata_view(kind), hidden
+    def _view(self, kind: str, principal: Principal) -> str:
+        """The role's metadata view ``kind`` (it lists only what the role may read)."""
+        return self.catalog.metadata_view(kind, principal.role)
 
     def _show_catalogs(self, m: re.Match[str], text: str, session: ClientSession,
                        principal: Principal) -> Plan:
-        view, hidden = self._view("catalogs", principal)
+        view = self._view("catalogs", principal)
         return self._meta_query(f"SELECT catalog_name AS `Catalog` FROM `{view}` WHERE true"
-                                f"{hidden}{self._like(m, 'catalog_name')} ORDER BY 1")
+                                f"{self._like(m, 'catalog_name')} ORDER BY 1")
 
     def _show_schemas(self, m: re.Match[str], text: str, session: ClientSession,
                       principal: Principal) -> Plan:
         catalog = self._catalog_of(_unquote_ident(m["name"]) if m["name"] else None, session)
-        view, hidden = self._view("schemata", principal)
+        view = self._view("schemata", principal)
         return self._meta_query(
             f"SELECT schema_name AS `Schema` FROM `{view}` WHERE catalog_name = {_lit(catalog)}"
-            f"{hidden}{self._like(m, 'schema_name')} ORDER BY 1")
+            f"{self._like(m, 'schema_name')} ORDER BY 1")
 
     def _show_tables(self, m: re.Match[str], text: str, session: ClientSession,
                      principal: Principal) -> Plan:
         parts = _split_qname(m["name"]) if m["name"] else []
         catalog, schema = self._schema_of(parts, session, principal)
-        view, hidden = self._view("tables", principal)
+        view = self._view("tables", principal)
         return self._meta_query(
             f"SELECT table_name AS `Table` FROM `{view}` WHERE table_catalog = {_lit(catalog)} "
-            f"AND table_schema = {_lit(schema)}{hidden}{self._like(m, 'table_name')} "
-            "ORDER BY 1")
+            f"AND table_schema = {_lit(schema)}{self._like(m, 'table_name')} ORDER BY 1")
 
     def _show_columns(self, m: re.Match[str], text: str, session: ClientSession,
                       principal: Principal) -> Plan:
@@ -402,17 +404,16 @@ class Translator:
             raise QueryError(E.SYNTAX_ERROR, f"'{m['name']}' is not a table name")
         table = parts[-1]
         catalog, schema = self._schema_of(parts[:-1], session, principal)
-        admin = principal.role is Role.ADMIN
-        if catalog == CATALOG and self.catalog.table(schema, table, admin=admin) is None:
+        if catalog == CATALOG and self.catalog.table(schema, table, principal.role) is None:
             raise QueryError(E.TABLE_NOT_FOUND,
                              f"Table '{catalog}.{schema}.{table}' does not exist")
-        view, hidden = self._view("columns", principal)
+        view = self._view("columns", principal)
         like = self._like(m, "column_name") if "like" in m.groupdict() else ""
         return self._meta_query(
             f"SELECT column_name AS `Column`, data_type AS `Type`, '' AS `Extra`, "
             f"coalesce(comment, '') AS `Comment` FROM `{view}` "
             f"WHERE table_catalog = {_lit(catalog)} AND table_schema = {_lit(schema)} "
-            f"AND table_name = {_lit(table)}{hidden}{like} ORDER BY ordinal_position")
+            f"AND table_name = {_lit(table)}{like} ORDER BY ordinal_position")
 
     # -- general statements -----------------------------------------------------------------
 
@@ -433,25 +434,18 @@ class Translator:
             assert match is not None
             return self._show_columns(match, text, session, principal)
         is_read = isinstance(tree, READ_STATEMENTS)
-        if not is_read and not principal.role.can_write:
-            kind = (tree.key.upper() if not isinstance(tree, exp.Command)
-                    else str(tree.this).upper())
-            raise QueryError(E.PERMISSION_DENIED,
-                             f"Access Denied: user '{principal.name}' has role "
-                             f"'{principal.role.value}', which is read-only; {kind} statements "
-                             "need the admin role", line=1, column=1)
-        if isinstance(tree, exp.Command):  # admin: Spark-specific command, passed through
-            return Plan("spark", spark_sql=text, is_query=False,
-                        update_type=str(tree.this).upper(), changes_catalog=True)
+        if isinstance(tree, exp.Command) or (not is_read and not admin):
+            # A Spark-specific command (admins), or a statement a non-admin's session will
+            # refuse on Spark's own parse of it: passed on as written, nothing resolved.
+            kind = str(tree.this) if isinstance(tree, exp.Command) else tree.key
+            return Plan("spark", spark_sql=text, is_query=False, update_type=kind.upper(),
+                        changes_catalog=True)
         plan = Plan("spark", is_query=is_read)
         self._bind(tree, text, params or [], null_params)
-        if not admin:
-            self._check_functions(tree, text)
         self._resolve_tables(tree, text, session, principal, plan)
         for node in list(tree.find_all(exp.CurrentVersion)):
             node.replace(exp.Literal.string(self.server_version))
-        for node in list(tree.find_all(exp.CurrentUser)):
-            node.replace(exp.Literal.string(principal.name))
+        self._answer_user(tree, principal)
         try:
             plan.spark_sql = tree.sql(dialect="spark", identify=True,
                                       unsupported_level=ErrorLevel.RAISE)
@@ -478,22 +472,27 @@ class Translator:
         for slot, value in zip(slots, params, strict=True):
             slot.replace(value.copy())
 
-    def _check_functions(self, tree: exp.Expression, text: str) -> None:
-        for func in tree.find_all(exp.Func):
-            name = (func.name if isinstance(func, exp.Anonymous) else func.sql_name()).lower()
-            if name in DENIED_FUNCTIONS:
-                line, col = _position(text, func)
-                raise QueryError(E.PERMISSION_DENIED,
-                                 f"Access Denied: function '{name}' is for admins only",
-                                 line=line, column=col)
+    @staticmethod
+    def _answer_user(tree: exp.Expression, principal: Principal) -> None:
+        """``current_user``, ``session_user()``, ``user()`` answer the SQL user."""
+        user = exp.Literal.string(principal.name)
+        for node in list(tree.find_all(exp.CurrentUser, exp.SessionUser)):
+            node.replace(user.copy())
+        for node in list(tree.find_all(exp.Anonymous)):
+            if node.name.lower() in SERVER_ANSWERED and not node.expressions:
+                node.replace(user.copy())
+        for column in list(tree.find_all(exp.Column)):
+            ident = column.this
+            if (isinstance(ident, exp.Identifier) and not ident.quoted and not column.table
+                    and ident.name.lower() in ("current_user", "session_user")):
+                column.replace(user.copy())
 
     def _resolve_tables(self, tree: exp.Expression, text: str, session: ClientSession,
                         principal: Principal, plan: Plan) -> None:
-        admin = principal.role is Role.ADMIN
         ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
         for table in list(tree.find_all(exp.Table)):
             if isinstance(table.this, exp.Func):
-                self._table_function(table, text, admin)
+                self._table_function(table)
                 continue
             name = table.name.lower() if not table.this.args.get("quoted") else table.name
             if not table.args.get("db") and name in ctes:
@@ -509,11 +508,11 @@ class Translator:
                 raise QueryError(E.MISSING_SCHEMA_NAME,
                                  "Schema must be specified when session schema is not set",
                                  line=line, column=col)
-            replacement = self._resolve_one(catalog, schema, name, admin, principal, plan)
+            replacement = self._resolve_one(catalog, schema, name, principal, plan)
             if replacement is None:
                 raise QueryError(E.TABLE_NOT_FOUND,
-                                 f"Table '{catalog}.{schema}.{name}' does not exist",
-                                 line=line, column=col)
+                                 f"Table '{catalog}.{schema}.{name}' does not exist"
+                                 + _hint(schema, principal), line=line, column=col)
             alias = table.args.get("alias")
             if alias is None and not (isinstance(replacement, exp.Table)
                                       and replacement.name == name):
@@ -527,49 +526,42 @@ class Translator:
             column.set("catalog", None)
             column.set("db", None)
 
-    def _resolve_one(self, catalog: str, schema: str, name: str, admin: bool,
-                     principal: Principal, plan: Plan) -> exp.Expression | None:
+    def _resolve_one(self, catalog: str, schema: str, name: str, principal: Principal,
+                     plan: Plan) -> exp.Expression | None:
+        role = principal.role
         if schema == INFORMATION_SCHEMA:
             if name not in INFORMATION_SCHEMA_TABLES:
                 return None
             key = "catalog_name" if name == "schemata" else "table_catalog"
-            return self._metadata_subquery(name, admin, exp.column(key).eq(
+            return self._metadata_subquery(name, role, exp.column(key).eq(
                 exp.Literal.string(catalog)))
         if catalog == SYSTEM_CATALOG:
             kind = SYSTEM_TABLES.get((schema, name))
-            return self._metadata_subquery(kind, admin, None) if kind else None
-        info = self.catalog.table(schema, name, admin=admin)
+            return self._metadata_subquery(kind, role, None) if kind else None
+        info = self.catalog.table(schema, name, role)
         if info is None:
-            if admin:  # admins may reach what Spark knows beyond the snapshot
+            if role is Role.ADMIN:  # admins may reach what Spark knows beyond the snapshot
                 return exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(schema))
             return None
         if (schema, name) == ("system", "audit_log"):
             plan.reads_audit_log = True
-        if principal.role is Role.ANALYST and needs_mask([c.name for c in info.columns]):
-            return exp.Table(this=exp.to_identifier(self.catalog.masked_view(schema, name)))
-        return exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(schema))
+        *db, table = self.catalog.relation(schema, name, role)
+        return exp.Table(this=exp.to_identifier(table),
+                         db=exp.to_identifier(db[0]) if db else None)
 
-    def _metadata_subquery(self, kind: str, admin: bool,
+    def _metadata_subquery(self, kind: str, role: Role,
                            condition: exp.Expression | None) -> exp.Expression:
-        view = self.catalog.metadata_view(kind)
+        view = self.catalog.metadata_view(kind, role)
         select = exp.select(*view_columns(kind)).from_(exp.to_identifier(view))
         if condition is not None:
             select = select.where(condition)
-        if not admin:
-            select = select.where(exp.not_(exp.column(ADMIN_ONLY_COLUMN)))
         return exp.Subquery(this=select)
 
-    def _table_function(self, table: exp.Table, text: str, admin: bool) -> None:
+    @staticmethod
+    def _table_function(table: exp.Table) -> None:
         func = table.this
         if isinstance(func, exp.Anonymous) and func.name.lower() == "table" and func.expressions:
             func.replace(func.expressions[0])  # Trino's TABLE(f(...)) is Spark's f(...)
-            func = table.this
-        name = (func.name if isinstance(func, exp.Anonymous) else func.sql_name()).lower()
-        if not admin and name not in ALLOWED_TABLE_FUNCTIONS:
-            line, col = _position(text, table)
-            raise QueryError(E.PERMISSION_DENIED,
-                             f"Access Denied: table function '{name}' is for admins only",
-                             line=line, column=col)
 
     def timeout_for(self, session: ClientSession, principal: Principal) -> float:
         """The time limit for a query of this session (a session may only lower it)."""

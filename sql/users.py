@@ -32,22 +32,14 @@ MIN_PASSWORD_LENGTH = 8
 
 
 class Role(StrEnum):
-    """What a user may do. Only ``admin`` writes; ``analyst`` sees identifiers masked."""
+    """What a user may do (see :mod:`dicomlake.sql.roles` for how each is enforced)."""
 
     ADMIN = "admin"
     """Everything: DDL/DML, session settings, ``system.audit_log``, identifiers in clear."""
     CLINICIAN = "clinician"
-    """Read-only, sees patient-identifying columns and tags."""
+    """Queries only; reads the lake's tables (identifiers included) but not ``system``."""
     ANALYST = "analyst"
-    """Read-only; patient-identifying columns and ``meta`` tags are hashed or removed."""
-
-    @property
-    def can_write(self) -> bool:
-        return self is Role.ADMIN
-
-    @property
-    def sees_identifiers(self) -> bool:
-        return self is not Role.ANALYST
+    """Queries only; reads only the de-identified ``dicom_deid`` tables."""
 
 
 @dataclass(frozen=True)
@@ -244,3 +236,72 @@ class Authenticator:
         with self._lock:
             self._cache[key] = (principal, time.monotonic() + self.cache_seconds)
         return principal
+
+
+@dataclass
+class _Failures:
+    count: int
+    last: float
+
+
+class LoginThrottle:
+    """Back-off after failed logins, per user name and per client address.
+
+    After ``free_per_user`` failures for a name (or ``free_per_address`` from an address,
+    which catches one address spraying many names) each further attempt must wait twice as
+    long as the one before (1, 2, 4 ... up to ``max_wait`` seconds); attempts inside the wait
+    are refused before any password is checked, so guessing slows to one try per
+    ``max_wait``. A success clears that name's and that address's counts; counts are
+    forgotten ``forget_seconds`` after the last failure. The price: while someone guesses at
+    a name, its owner is refused too (for at most ``max_wait`` seconds at a time).
+    """
+
+    def __init__(self, *, free_per_user: int = 5, free_per_address: int = 20,
+                 max_wait: float = 60.0, forget_seconds: float = 900.0,
+                 max_entries: int = 10_000) -> None:
+        self.free = {"user": free_per_user, "address": free_per_address}
+        self.max_wait = max_wait
+        self.forget_seconds = forget_seconds
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._failures: dict[tuple[str, str], _Failures] = {}
+
+    def _keys(self, user: str | None, address: str | None) -> list[tuple[str, str]]:
+        return [(kind, value) for kind, value in (("user", user), ("address", address))
+                if value]
+
+    def wait_seconds(self, user: str | None, address: str | None) -> float:
+        """Seconds before this user/address may try again (0.0: now)."""
+        now = time.monotonic()
+        wait = 0.0
+        with self._lock:
+            for key in self._keys(user, address):
+                found = self._failures.get(key)
+                if found is None:
+                    continue
+                if now - found.last > self.forget_seconds:
+                    del self._failures[key]
+                    continue
+                over = found.count - self.free[key[0]]
+                if over > 0:
+                    delay = min(self.max_wait, 2.0 ** (over - 1))
+                    wait = max(wait, found.last + delay - now)
+        return max(0.0, wait)
+
+    def failed(self, user: str | None, address: str | None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) >= self.max_entries:  # a flood of names: forget the oldest
+                oldest = sorted(self._failures, key=lambda k: self._failures[k].last)
+                for key in oldest[: self.max_entries // 10]:
+                    del self._failures[key]
+            for key in self._keys(user, address):
+                found = self._failures.setdefault(key, _Failures(0, now))
+                found.count += 1
+                found.last = now
+
+    def succeeded(self, user: str | None, address: str | None) -> None:
+        with self._lock:
+            for key in self._keys(user, address):
+                self._failures.pop(key, None)
+

@@ -1,4 +1,4 @@
-"""SQL service logic that needs no server: types, values, masking, users, translation."""
+"""SQL service logic that needs no server: types, values, users, limits, audit, translation."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ from pyspark.sql import types as T
 
 from dicomlake.sql import errors as E
 from dicomlake.sql.errors import AuthenticationError, QueryError, UserStoreError
-from dicomlake.sql.masking import (
-    IDENTIFYING_COLUMNS,
-    mask_meta,
-    mask_text,
-    masked_view_sql,
-    needs_mask,
-)
-from dicomlake.sql.query import encode_batch
+from dicomlake.sql.query import Limits, encode_batch
 from dicomlake.sql.server import ServerConfig
 from dicomlake.sql.session import ClientSession, SessionChanges
 from dicomlake.sql.translate import Translator
 from dicomlake.sql.types import column_converter, trino_type
-from dicomlake.sql.users import Authenticator, Principal, Role, UserStore, parse_role
+from dicomlake.sql.users import (
+    Authenticator,
+    LoginThrottle,
+    Principal,
+    Role,
+    UserStore,
+    parse_role,
+)
 
 # ---- type signatures ---------------------------------------------------------------------
 
@@ -108,54 +108,6 @@ def test_trino_client_decodes_our_values():
     assert tuple(first[6]) == (1, "x") and first[6].a == 1
     assert first[7] == [0.5, None] and second[7] == []
     assert second[:3] == [None, None, None] and second[4:7] == [None, None, None]
-
-
-# ---- masking -----------------------------------------------------------------------------
-
-SALT = "test-salt"
-
-
-def test_identifying_columns_cover_patient_name_and_id():
-    assert IDENTIFYING_COLUMNS["patient_name"] == "hash"
-    assert IDENTIFYING_COLUMNS["patient_id"] == "hash"
-    assert IDENTIFYING_COLUMNS["patient_birth_date"] == "year"
-    assert IDENTIFYING_COLUMNS["path"] == "hash"  # archives name folders after patients
-    assert needs_mask(["meta"]) and not needs_mask(["modality", "rows"])
-
-
-def test_mask_meta_hides_identifiers_everywhere():
-    meta = {
-        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
-        "00100020": {"vr": "LO", "Value": ["MRN12345"]},
-        "00100030": {"vr": "DA", "Value": ["19700315"]},
-        "00101040": {"vr": "LO", "Value": ["1 Main St"]},
-        "00080060": {"vr": "CS", "Value": ["CT"]},
-        "00091001": {"vr": "LO", "Value": ["Doe^Jane in a private tag"]},
-        "7FE00010": {"vr": "OW", "BulkDataURI": "/lake/a.zip!/MRN12345/IM1.dcm#offset=10"},
-        "00081110": {"vr": "SQ", "Value": [
-            {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}}]},
-    }
-    masked_text = mask_meta(json.dumps(meta), SALT)
-    assert masked_text is not None
-    assert "Doe" not in masked_text and "MRN12345" not in masked_text
-    assert "Main St" not in masked_text and "0315" not in masked_text
-    masked = json.loads(masked_text)
-    assert masked["00080060"] == meta["00080060"]
-    assert masked["00100010"]["Value"][0]["Alphabetic"] == mask_text("Doe^Jane", SALT)
-    assert masked["00100020"]["Value"] == [mask_text("MRN12345", SALT)]
-    assert masked["00100030"]["Value"] == ["19700101"]
-    assert "Value" not in masked["00101040"] and "Value" not in masked["00091001"]
-    nested = masked["00081110"]["Value"][0]["00100010"]["Value"][0]["Alphabetic"]
-    assert nested == mask_text("Doe^Jane", SALT)
-    assert mask_meta("not json", SALT) is None and mask_meta(None, SALT) is None
-
-
-def test_mask_is_stable_salted_and_matches_sql():
-    assert mask_text("PAT1", SALT) == mask_text("PAT1", SALT)
-    assert mask_text("PAT1", SALT) != mask_text("PAT1", "other salt")
-    sql = masked_view_sql("dicom", "instances", ["path", "patient_id", "meta"], SALT)
-    assert "sha2(concat('test-salt', CAST(`patient_id` AS STRING)), 256)" in sql
-    assert "dicomlake_mask_meta(`meta`) AS `meta`" in sql and "`path`" in sql
 
 
 # ---- users -------------------------------------------------------------------------------
@@ -277,16 +229,19 @@ def test_syntax_error_points_at_the_client_text(translator):
     assert info.value.line == 2 and info.value.message.startswith("line 2:")
 
 
-def test_analyst_cannot_write_or_call_jvm_functions(translator):
+def test_non_queries_of_non_admins_go_to_spark_as_written(translator):
+    """What a statement may do is judged on Spark's parse (sql.guard), not on sqlglot's: the
+    translator passes a non-admin's writes on untouched, resolving nothing."""
     for statement in ("CREATE TABLE t (a int)", "DROP TABLE dicom.instances",
                       "INSERT INTO t VALUES (1)", "DELETE FROM t", "SET spark.x = 1"):
-        with pytest.raises(QueryError) as info:
-            translator.plan(statement, ClientSession(schema="dicom"), ANALYST)
-        assert info.value.code is E.PERMISSION_DENIED, statement
-        assert "read-only" in info.value.message
-    with pytest.raises(QueryError) as info:
-        translator.plan("SELECT reflect('java.lang.System', 'exit', 0)", ClientSession(), ANALYST)
-    assert info.value.code is E.PERMISSION_DENIED and info.value.column == 8
+        plan = translator.plan(statement, ClientSession(schema="dicom"), ANALYST)
+        assert plan.spark_sql == statement and not plan.is_query, statement
+
+
+def test_every_spelling_of_the_user_is_the_sql_user(translator):
+    plan = translator.plan("SELECT current_user, current_user(), session_user(), user(), "
+                           "session_user", ClientSession(), ANALYST)
+    assert plan.spark_sql == "SELECT 'ana', 'ana', 'ana', 'ana', 'ana'"
 
 
 def test_session_statements(translator):
@@ -329,3 +284,58 @@ def test_python_worker_failures_report_the_raised_reason():
     error = query_error(RuntimeError(text))
     assert error.code == E.GENERIC_USER_ERROR
     assert error.message == "image_knn: no image with SOPInstanceUID '1.2.3'"
+
+
+# ---- limits, back-off and audit ------------------------------------------------------------
+
+
+def test_per_user_concurrency_defaults_to_half_the_slots():
+    assert Limits(max_concurrent=4).per_user == 2
+    assert Limits(max_concurrent=1).per_user == 1
+    assert Limits(max_concurrent=4, max_concurrent_per_user=9).per_user == 4
+
+
+def test_login_back_off_per_user_and_per_address(monkeypatch):
+    import dicomlake.sql.users as users
+
+    now = [1000.0]
+    monkeypatch.setattr(users.time, "monotonic", lambda: now[0])
+    throttle = LoginThrottle(free_per_user=3, free_per_address=5, max_wait=8)
+    for _ in range(3):
+        assert throttle.wait_seconds("ana", "10.0.0.1") == 0
+        throttle.failed("ana", "10.0.0.1")
+    assert throttle.wait_seconds("ana", "10.0.0.9") == 0  # 3 free failures
+    throttle.failed("ana", "10.0.0.1")
+    assert throttle.wait_seconds("ana", "10.0.0.9") == 1  # then 1, 2, 4, ... seconds
+    throttle.failed("ana", "10.0.0.1")
+    assert throttle.wait_seconds("ana", "10.0.0.9") == 2
+    for _ in range(5):
+        throttle.failed("ana", "10.0.0.1")
+    assert throttle.wait_seconds("ana", None) == 8  # capped
+    assert throttle.wait_seconds("bob", "10.0.0.1") == 8  # the address sprays too
+    assert throttle.wait_seconds("bob", "10.0.0.2") == 0
+    now[0] += 8
+    assert throttle.wait_seconds("ana", None) == 0
+    throttle.succeeded("ana", "10.0.0.1")
+    throttle.failed("ana", "10.0.0.1")
+    assert throttle.wait_seconds("ana", "10.0.0.1") == 0
+
+
+def test_audit_keeps_whole_statements_and_http_status(tmp_path):
+    import datetime as dt
+
+    from deltalake import DeltaTable
+
+    from dicomlake.sql.audit import AuditLog, AuditRecord
+
+    log = AuditLog(tmp_path / "audit")
+    now = dt.datetime.now(dt.UTC)
+    probe = "SELECT 1 /*" + "x" * 200_000 + "*/ , 'probe after a long comment'"
+    log.append(AuditRecord(event="query", user="ana", role="analyst", query_id="q", sql=probe,
+                           state="FINISHED", rows=1, started_at=now, finished_at=now,
+                           duration_ms=1, error_name=None, error_message=None,
+                           client_address="127.0.0.1", source=None, http_status=200))
+    assert log.flush() == 1
+    rows = DeltaTable(str(tmp_path / "audit")).to_pyarrow_dataset().to_table().to_pylist()
+    assert rows[0]["sql"] == probe and rows[0]["http_status"] == 200
+

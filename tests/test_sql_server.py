@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,10 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 import trino
+from _sql_helpers import connect as connect_as
+from _sql_helpers import port_of, serve
 from trino.auth import BasicAuthentication
 from trino.exceptions import HttpError, TrinoQueryError, TrinoUserError
-
-from dicomlake.processes import stop_processes
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +30,7 @@ MAX_ROWS = 150_000
 @pytest.fixture(scope="module")
 def sql_home(tmp_path_factory, spark, settings, sample_archives) -> Path:
     """A lake home with ingested samples and three users."""
+    from dicomlake.catalog import deid
     from dicomlake.catalog.ingest import ingest
     from dicomlake.catalog.warehouse import Warehouse
     from dicomlake.sql.users import Role, UserStore
@@ -40,6 +38,7 @@ def sql_home(tmp_path_factory, spark, settings, sample_archives) -> Path:
     home = tmp_path_factory.mktemp("sql-home")
     result = ingest(spark, Warehouse(home / "warehouse"), [str(p) for p in sample_archives])
     assert result.rows_written > 0
+    deid.refresh(home / "warehouse", home)
     # ingest bound the shared session's table names to this lake; give them back
     Warehouse(settings.warehouse_path).register(spark)
     store = UserStore(home)
@@ -52,45 +51,17 @@ def sql_home(tmp_path_factory, spark, settings, sample_archives) -> Path:
 @pytest.fixture(scope="module")
 def server(sql_home) -> str:
     """The base URL of a running ``dicomlake serve`` (stopped with SIGTERM afterwards)."""
-    env = {**os.environ, "DICOMLAKE_HOME": str(sql_home), "DICOMLAKE_SPARK_MASTER": "local[2]"}
-    exe = Path(sys.executable).parent / "dicomlake"
-    log_path = sql_home / "serve.log"
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--port", "0", "--max-rows", str(MAX_ROWS), "--timeout", "120",
-         "--max-concurrent", "4"],
-        env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
-    url = None
-    deadline = time.monotonic() + 240
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if "listening on" in line:
-            url = line.split("listening on", 1)[1].split()[0]
-            break
-    if url is None:
-        proc.kill()
-        lines = [x for x in log_path.read_text().splitlines() if " WARN " not in x]
-        pytest.fail("dicomlake serve did not start:\n" + "\n".join(lines[-20:]))
-    yield url
-    stop_processes([proc], timeout=90)
-    log_file.close()
-    assert proc.returncode == 0
+    with serve(sql_home, "--port", "0", "--max-rows", str(MAX_ROWS), "--timeout", "120",
+               "--max-concurrent", "4") as url:
+        yield url
 
 
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
+_port = port_of
 
 
 def connect(server: str, user: str, password: str | None = None, **kwargs):
-    kwargs.setdefault("catalog", "dicomlake")
-    kwargs.setdefault("schema", "dicom")
-    return trino.dbapi.connect(
-        host="127.0.0.1", port=_port(server), user=user, http_scheme="http",
-        auth=BasicAuthentication(user, password or PASSWORDS[user]),
-        allow_insecure_auth=True, **kwargs)
+    kwargs.setdefault("schema", "dicom_deid" if user == "ana" else "dicom")
+    return connect_as(server, user, password or PASSWORDS[user], **kwargs)
 
 
 def run(server: str, user: str, sql: str, params=None, **kwargs):
@@ -155,8 +126,9 @@ def test_metadata_statements(server):
                                "column_name = 'rows'")[0]
     assert info == [["integer"]]
     jdbc = run(server, "root", "SELECT table_cat, table_schem, table_name FROM "
-                               "system.jdbc.tables WHERE table_name = 'studies'")[0]
-    assert jdbc == [["dicomlake", "dicom", "studies"]]
+                               "system.jdbc.tables WHERE table_name = 'studies' "
+                               "ORDER BY table_schem")[0]
+    assert jdbc == [["dicomlake", "dicom", "studies"], ["dicomlake", "dicom_deid", "studies"]]
     version = run(server, "root", "SELECT version()")[0][0][0]
     assert version.startswith("476-dicomlake")
 
@@ -387,7 +359,7 @@ def test_analyst_never_sees_patient_names_or_ids(server):
         "SELECT * FROM errors",
         "SELECT upper(patient_name), lower(patient_id), concat(patient_name, '|') FROM instances",
         "SELECT json_extract_scalar(meta, '$[\"00100010\"].Value[0].Alphabetic'), meta "
-        "FROM dicomlake.dicom.instances",
+        "FROM dicomlake.dicom_deid.instances",
         "SELECT i.patient_name FROM instances i JOIN studies s "
         "ON i.study_instance_uid = s.study_instance_uid",
         "WITH x AS (SELECT patient_id FROM instances) SELECT * FROM x",
@@ -400,10 +372,14 @@ def test_analyst_never_sees_patient_names_or_ids(server):
             assert value not in text, f"{value!r} leaked through {sql!r}"
     masked, _ = run(server, "ana", "SELECT DISTINCT patient_name FROM instances")
     assert all(r[0].startswith("anon-") for r in masked if r[0])
-    # pseudonyms are stable, so analysts can still count and join patients
-    counts = [run(server, u, "SELECT count(DISTINCT patient_id) FROM instances")[0][0][0]
-              for u in ("doc", "ana")]
-    assert counts[0] == counts[1]
+    # pseudonyms are consistent, so analysts still count and join patients and studies
+    for sql in ("SELECT count(*), count(DISTINCT patient_id), count(DISTINCT study_instance_uid) "
+                "FROM instances",
+                "SELECT count(*) FROM instances i JOIN studies s USING (study_instance_uid) "
+                "JOIN series r USING (series_instance_uid)"):
+        assert run(server, "doc", sql)[0] == run(server, "ana", sql)[0], sql
+    with pytest.raises(TrinoUserError, match="analysts read the de-identified tables"):
+        run(server, "ana", "SELECT * FROM dicom.instances")
 
 
 def test_clinician_sees_identifiers_and_admin_sees_the_same(server):

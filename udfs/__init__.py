@@ -4,7 +4,11 @@ Registered in every session by :func:`register_functions` (a ``SESSION_HOOKS`` e
 
 * ``image_knn(query => ..., k => ..., nprobe => ..., refine => ..., filter => ..., frame => ...)``
   table-valued function (see :mod:`dicomlake.udfs.knn`);
-* ``dicom_thumbnail(path)`` -> PNG bytes of the first frame.
+* ``dicom_thumbnail(id)`` -> PNG bytes of the first frame of the image a ``sop_instance_uid``
+  or ``path`` of ``instances`` names.
+
+What those functions read depends on the session's :class:`ImageScope` (admin by default;
+the SQL service registers the clinician and analyst scopes in their own sessions).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dicomlake.udfs.errors import (
     PixelError,
     PixelErrorKind,
 )
+from dicomlake.udfs.images import ADMIN_SCOPE, ANALYST_SCOPE, CLINICIAN_SCOPE, ImageScope
 from dicomlake.udfs.settings import (
     CodeStoreKind,
     ModelBackend,
@@ -33,10 +38,14 @@ if TYPE_CHECKING:
     from dicomlake.config import Settings
 
 __all__ = [
+    "ADMIN_SCOPE",
+    "ANALYST_SCOPE",
+    "CLINICIAN_SCOPE",
     "CodeStoreError",
     "CodeStoreKind",
     "CodebookError",
     "EmbeddingError",
+    "ImageScope",
     "KnnError",
     "ModelBackend",
     "PixelError",
@@ -60,7 +69,8 @@ def _session_settings(spark: SparkSession) -> Settings:
 
 
 def register_functions(spark: SparkSession, settings: Settings | None = None,
-                       similarity: SimilaritySettings | None = None) -> None:
+                       similarity: SimilaritySettings | None = None,
+                       scope: ImageScope = ADMIN_SCOPE) -> None:
     """Register ``image_knn`` and ``dicom_thumbnail`` for this lake in a session.
 
     Called by :func:`dicomlake.build_session`; call it again with other ``similarity``
@@ -68,12 +78,13 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     """
     from pyspark.sql.functions import pandas_udf, udtf
 
-    from dicomlake.udfs import sqlfuncs
     from dicomlake.udfs.knn import KNN_DDL, make_udtf
+    from dicomlake.udfs.sqlfuncs import make_thumbnail
 
     settings = settings or _session_settings(spark)
     similarity = similarity or load_similarity(settings)
-    handler = make_udtf(str(settings.home), str(settings.warehouse_path), similarity)
+    home, warehouse = str(settings.home), str(settings.warehouse_path)
+    handler = make_udtf(home, warehouse, similarity, scope)
     spark.udtf.register("image_knn", udtf(handler, returnType=KNN_DDL))
-
-    spark.udf.register("dicom_thumbnail", pandas_udf(sqlfuncs.dicom_thumbnail, "binary"))
+    spark.udf.register("dicom_thumbnail",
+                       pandas_udf(make_thumbnail(home, warehouse, scope), "binary"))

@@ -48,3 +48,7 @@ class CodeStoreError(DicomlakeError):
 
 class KnnError(DicomlakeError):
     """A bad ``image_knn`` call: unknown id, bad ``k``, bad filter."""
+
+
+class UnknownImageError(DicomlakeError):
+    """An image argument names no image of the lake (the file system is never consulted)."""

@@ -9,11 +9,17 @@ Usage::
     SELECT q.sop_instance_uid AS query, n.*
     FROM dicom.instances q, LATERAL image_knn(query => q.sop_instance_uid, k => 3) n
 
-``query`` is a SOPInstanceUID (digits and dots), an image path (``<archive>!/<member>`` or a
-file), or an embedding (``array<float>``). Output: ``rank, sop_instance_uid, frame,
-distance`` (L2), nearest first. The search runs in the Python worker: the codebook, codes
-(from the configured store), exact vectors for ``refine`` and filter columns are loaded once
-per worker and re-loaded only when their table (or HBase generation) changed.
+``query`` is a SOPInstanceUID (digits and dots), an embedding (``array<float>``) or, for
+admins only, an image path (``<archive>!/<member>`` or a file). Output: ``rank,
+sop_instance_uid, frame, distance`` (L2), nearest first. The search runs in the Python worker:
+the codebook, codes (from the configured store), exact vectors for ``refine`` and filter
+columns are loaded once per worker and re-loaded only when their table (or HBase generation)
+changed.
+
+Each role's session registers its own ``image_knn`` (:class:`~dicomlake.udfs.images.ImageScope`):
+analysts' searches, ids and filters use the de-identified twins (``dicom_deid.codes``,
+``embeddings``, ``instances``), so a filter can only ever compare against de-identified
+values, and no role but admin may name a file.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dicomlake.udfs import pq
 from dicomlake.udfs.codestore import CODE_COLUMNS, CODES, DeltaCodeStore, check_versions, open_store
 from dicomlake.udfs.deltalog import appended_files, latest_version
 from dicomlake.udfs.errors import CodebookError, KnnError
+from dicomlake.udfs.images import ADMIN_SCOPE, ImageScope
 from dicomlake.udfs.search import CodeIndex
 from dicomlake.udfs.search import refine as refine_rows
 from dicomlake.udfs.settings import SimilaritySettings
@@ -112,6 +119,7 @@ class Searcher:
     home: Path
     warehouse: Path
     similarity: SimilaritySettings
+    scope: ImageScope = ADMIN_SCOPE
     _stamps: dict[str, object] = field(default_factory=dict)
     book: pq.Codebook | None = None
     index: CodeIndex | None = None
@@ -123,23 +131,32 @@ class Searcher:
     _emb: _Cached = field(default_factory=_Cached)
 
     def _path(self, table: str) -> Path:
-        return self.warehouse / "dicom" / table
+        return self.warehouse / self.scope.schema / table
+
+    def _book_path(self) -> Path:
+        """Codebooks (centroids, no identifiers) live in ``dicom`` for every scope."""
+        return self.warehouse / "dicom" / pq.CODEBOOKS
+
+    def _store(self) -> Any:
+        if self.scope.deidentified:  # the de-identified twin of the codes is always Delta
+            return DeltaCodeStore(self._path(CODES))
+        return open_store(self.warehouse, self.similarity)
 
     def refresh(self) -> None:
         """Reload the codebook, codes and exact vectors if any of them changed."""
-        store = open_store(self.warehouse, self.similarity)
+        store = self._store()
         delta_codes = isinstance(store, DeltaCodeStore)
-        stamps = {"book": latest_version(self._path(pq.CODEBOOKS)),
+        stamps = {"book": latest_version(self._book_path()),
                   "codes": (store.name, store.generation()),
                   "emb": latest_version(self._path("embeddings"))}
         if stamps == self._stamps and self.index is not None:
             return
         if stamps["book"] != self._stamps.get("book") or self.book is None:
-            self.book = pq.latest(self._path(pq.CODEBOOKS))
+            self.book = pq.latest(self._book_path())
             self._codes, self._emb = _Cached(), _Cached()  # codes of another book: reload
         if self.book is None:
             raise CodebookError(
-                f"image_knn: no PQ codebook yet in {self._path(pq.CODEBOOKS)}; run "
+                f"image_knn: no PQ codebook yet in {self._book_path()}; run "
                 "`dicomlake embed` (it trains one once images are embedded)")
         if delta_codes:
             self._codes.advance(self._path(CODES), int(store.generation()), list(CODE_COLUMNS))
@@ -184,18 +201,24 @@ class Searcher:
         """Bool per index row: does the row's instance pass the metadata filter?"""
         if text in self._filters:
             return self._filters[text]
+        import pyarrow as pa
+        from deltalake import DeltaTable
+
         from dicomlake.catalog.delta import read_columns
         from dicomlake.udfs.filters import parse_filter
 
         path = self._path("instances")
-        from deltalake import DeltaTable
-
-        columns = {f.name for f in DeltaTable(str(path)).schema().fields} if \
-            DeltaTable.is_deltatable(str(path)) else {"sop_instance_uid"}
-        expr, used = parse_filter(text, columns)
+        table = f"{self.scope.schema}.instances"
+        columns = ({f.name: f.type for f in pa.schema(DeltaTable(str(path)).schema().to_arrow())}
+                   if DeltaTable.is_deltatable(str(path)) else {"sop_instance_uid": pa.string()})
+        expr, used = parse_filter(text, columns, table)
         data = read_columns(path, sorted(used | {"sop_instance_uid"}))
-        passing = set(data.filter(expr).column("sop_instance_uid").to_pylist()) \
-            if data.num_rows else set()
+        try:
+            passing = set(data.filter(expr).column("sop_instance_uid").to_pylist()) \
+                if data.num_rows else set()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise KnnError(f"image_knn filter {text!r} cannot be evaluated over {table}: "
+                           f"{exc}") from exc
         assert self.index is not None
         mask = np.fromiter((u in passing for u in self.index.ids.tolist()), dtype=bool,
                            count=self.index.size)
@@ -219,9 +242,13 @@ class Searcher:
             if row is None or self.exact is None:
                 raise KnnError(
                     f"image_knn: no embedding for SOPInstanceUID {text!r} frame {frame}; "
-                    "check the id in dicom.instances, or run `dicomlake embed` if it was "
-                    "ingested after the last embed")
+                    f"check the id in {self.scope.schema}.instances, or run `dicomlake "
+                    "embed` if it was ingested after the last embed")
             return self.exact[row]
+        if not self.scope.paths:  # decided before any file is looked at
+            raise KnnError(
+                f"image_knn: query must be a sop_instance_uid of {self.scope.schema}.instances "
+                "or an array<float> embedding; image files are only for admins")
         from dicomlake.udfs.errors import PixelError
         from dicomlake.udfs.model import backend_of, embedder_for
         from dicomlake.udfs.pixels import model_inputs
@@ -262,19 +289,21 @@ class Searcher:
                                                                               strict=True))]
 
 
-_SEARCHERS: dict[tuple[str, str, str], Searcher] = {}
+_SEARCHERS: dict[tuple[str, str, str, ImageScope], Searcher] = {}
 
 
-def searcher(home: str, warehouse: str, similarity: SimilaritySettings) -> Searcher:
-    """The worker's searcher for this lake and store (kept across queries)."""
-    key = (home, warehouse, repr(similarity))
+def searcher(home: str, warehouse: str, similarity: SimilaritySettings,
+             scope: ImageScope = ADMIN_SCOPE) -> Searcher:
+    """The worker's searcher for this lake, store and scope (kept across queries)."""
+    key = (home, warehouse, repr(similarity), scope)
     if key not in _SEARCHERS:
-        _SEARCHERS[key] = Searcher(Path(home), Path(warehouse), similarity)
+        _SEARCHERS[key] = Searcher(Path(home), Path(warehouse), similarity, scope)
     return _SEARCHERS[key]
 
 
-def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings) -> type:
-    """The UDTF handler class bound to one lake (the class is pickled to the workers)."""
+def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings,
+              scope: ImageScope = ADMIN_SCOPE) -> type:
+    """The UDTF handler class bound to one lake and scope (pickled to the workers)."""
 
     class ImageKnn:
         """Python UDTF handler for ``image_knn``.
@@ -295,8 +324,11 @@ def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings) -> type
             if query is None:
                 raise KnnError("image_knn: query is NULL; pass a SOPInstanceUID, an image "
                                "path or an embedding")
+            if filter is not None and not isinstance(filter, str):  # e.g. TABLE(...) rows
+                raise KnnError("image_knn: filter must be a SQL predicate string such as "
+                               "\"modality = 'CT'\"")
             if self._searcher is None:
-                found = searcher(home, warehouse, similarity)
+                found = searcher(home, warehouse, similarity, scope)
                 found.refresh()
                 self._searcher = found
             yield from self._searcher.search(
