@@ -8,6 +8,11 @@ translator produced. The two alternate query by query: the JVM keeps getting fas
 minutes after start, and measuring one side first would hand the other the warmer JVM.
 ``overhead_ms`` is the p50 difference. ``rows_per_second`` streams a
 1M-row result through the Python client.
+
+The same query is also sent by an analyst (whose statements run in the analyst's own Spark
+session, parsed and checked on Spark's plans first, over the de-identified tables) alternately
+with the admin: ``analyst_overhead_ms`` is analyst p50 minus admin p50 through the endpoint,
+and ``analyst_rows_per_second`` the analyst's streaming rate.
 """
 
 from __future__ import annotations
@@ -23,16 +28,19 @@ from pathlib import Path
 from typing import Any
 
 METADATA_QUERY = "SHOW TABLES FROM dicom"
+ROLE_QUERY = "SHOW TABLES"
+"""Admin and analyst send the same text; each lists its own session schema (``dicom`` and
+``dicom_deid``, the same table names)."""
 STREAM_QUERY = "SELECT id, id * 2 AS twice, CAST(id AS VARCHAR) AS s FROM range({rows})"
 _PASSWORD = "bench password"
 
 _CLIENT = r"""
 import json, sys, time, trino
 from trino.auth import BasicAuthentication
-port, password = sys.argv[1:3]
-conn = trino.dbapi.connect(host="127.0.0.1", port=int(port), user="bench", http_scheme="http",
-                           auth=BasicAuthentication("bench", password), allow_insecure_auth=True,
-                           catalog="dicomlake", schema="dicom")
+port, password, user, schema = sys.argv[1:5]
+conn = trino.dbapi.connect(host="127.0.0.1", port=int(port), user=user, http_scheme="http",
+                           auth=BasicAuthentication(user, password), allow_insecure_auth=True,
+                           catalog="dicomlake", schema=schema)
 cur = conn.cursor()
 for line in sys.stdin:
     command, count, sql = line.rstrip("\n").split(" ", 2)
@@ -64,6 +72,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run(*, queries: int = 200, rows: int = 1_000_000) -> dict[str, object]:
     """Run the benchmark and return its result object."""
+    from dicomlake.catalog import deid
     from dicomlake.catalog.ingest import ingest
     from dicomlake.catalog.sample import Profile, make_sample
     from dicomlake.catalog.warehouse import Warehouse
@@ -85,7 +94,9 @@ def run(*, queries: int = 200, rows: int = 1_000_000) -> dict[str, object]:
             archives = make_sample(home / "samples", archives=2, files=10, seed=1,
                                    profile=Profile.CTMR, workers=1)
             ingest(spark, Warehouse(settings.warehouse_path), [str(p) for p in archives])
+            deid.refresh(settings.warehouse_path, home)
             UserStore(home).add("bench", _PASSWORD, Role.ADMIN)
+            UserStore(home).add("analyst", _PASSWORD, Role.ANALYST)
             server = SqlServer(settings, ServerConfig(port=0, limits=Limits(
                 max_rows=rows + 1, max_concurrent=2)), spark).start().serve_in_thread()
             try:
@@ -96,10 +107,13 @@ def run(*, queries: int = 200, rows: int = 1_000_000) -> dict[str, object]:
                     Principal("bench", Role.ADMIN))
                 direct_sql = plan.spark_sql
                 assert direct_sql is not None
-                with subprocess.Popen(
-                        [sys.executable, "-c", _CLIENT, port, _PASSWORD], env=env, text=True,
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
-                    def ask(line: str) -> dict[str, Any]:
+                clients = {user: subprocess.Popen(
+                    [sys.executable, "-c", _CLIENT, port, _PASSWORD, user, schema], env=env,
+                    text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    for user, schema in (("bench", "dicom"), ("analyst", "dicom_deid"))}
+                try:
+                    def ask(user: str, line: str) -> dict[str, Any]:
+                        proc = clients[user]
                         assert proc.stdin is not None and proc.stdout is not None
                         proc.stdin.write(line + "\n")
                         proc.stdin.flush()
@@ -108,26 +122,36 @@ def run(*, queries: int = 200, rows: int = 1_000_000) -> dict[str, object]:
                             raise RuntimeError("the benchmark's trino client process died")
                         return json.loads(answer)
 
-                    ask(f"time {WARMUP} {METADATA_QUERY}")
+                    ask("bench", f"time {WARMUP} {METADATA_QUERY}")
+                    for user in clients:
+                        ask(user, f"time {WARMUP} {ROLE_QUERY}")
                     for _ in range(WARMUP):
                         spark.sql(direct_sql).collect()
                     # One query each way, alternately: a single query of this size varies
                     # 100-250 ms on a small machine, and pairing them keeps drift and noise
                     # out of the difference.
-                    times, direct = [], []
+                    times, direct, admin, analyst = [], [], [], []
                     for _ in range(queries):
-                        times += ask(f"time 1 {METADATA_QUERY}")["times"]
+                        times += ask("bench", f"time 1 {METADATA_QUERY}")["times"]
                         started = time.perf_counter()
                         spark.sql(direct_sql).collect()
                         direct.append((time.perf_counter() - started) * 1000)
-                    client = ask(f"stream 10000 {STREAM_QUERY.format(rows=rows)}")
-                    assert proc.stdin is not None
-                    proc.stdin.close()
+                        admin += ask("bench", f"time 1 {ROLE_QUERY}")["times"]
+                        analyst += ask("analyst", f"time 1 {ROLE_QUERY}")["times"]
+                    client = ask("bench", f"stream 10000 {STREAM_QUERY.format(rows=rows)}")
+                    analyst_client = ask("analyst",
+                                         f"stream 10000 {STREAM_QUERY.format(rows=rows)}")
+                finally:
+                    for proc in clients.values():
+                        assert proc.stdin is not None
+                        proc.stdin.close()
+                        proc.wait(60)
             finally:
                 server.shutdown(stop_spark=False)
         finally:
             spark.stop()
     p50, direct_p50 = statistics.median(times), statistics.median(direct)
+    admin_p50, analyst_p50 = statistics.median(admin), statistics.median(analyst)
     return {
         "queries": len(times),
         "query": METADATA_QUERY,
@@ -138,4 +162,9 @@ def run(*, queries: int = 200, rows: int = 1_000_000) -> dict[str, object]:
         "stream_rows": client["rows"],
         "stream_seconds": round(client["seconds"], 3),
         "rows_per_second": round(client["rows"] / client["seconds"]),
+        "role_query": ROLE_QUERY,
+        "admin_p50_ms": round(admin_p50, 2),
+        "analyst_p50_ms": round(analyst_p50, 2),
+        "analyst_overhead_ms": round(analyst_p50 - admin_p50, 2),
+        "analyst_rows_per_second": round(analyst_client["rows"] / analyst_client["seconds"]),
     }

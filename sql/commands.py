@@ -69,9 +69,11 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
     owns_stream = _start_stream(settings) if with_stream else False
     settings, spark = start_session(settings)
     server = SqlServer(settings, config, spark)
+    from dicomlake.catalog.errors import DicomlakeError
+
     try:
         server.start()
-    except (SqlServiceError, OSError) as exc:
+    except (SqlServiceError, DicomlakeError, OSError) as exc:  # e.g. an unusable deid key
         spark.stop()
         _stop_stream(settings, owns_stream)
         raise click.ClickException(str(exc)) from exc

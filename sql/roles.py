@@ -96,7 +96,7 @@ class RoleSession:
     spark: SparkSession
     functions: frozenset[str] = frozenset()
     _views: dict[str, str] = field(default_factory=dict)
-    """Relation view name -> table path it was made for."""
+    """Relation view name -> the data source it reads (registered in this session only)."""
     _metadata: set[str] = field(default_factory=set)
     _guard: PlanGuard | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -118,7 +118,7 @@ class RoleSession:
                 self.spark.dataSource.register(source)
                 self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{view}` "
                                f"USING {source.source_name}")
-                self._views[view] = path
+                self._views[view] = source.source_name
             self._update_guard()
 
     def add_metadata_view(self, name: str) -> None:
@@ -132,7 +132,8 @@ class RoleSession:
         views = frozenset(self._views) | frozenset(self._metadata)
         self._guard = PlanGuard(self.spark, Allowance(
             role=self.role.value, views=frozenset(v.lower() for v in views),
-            functions=self.functions, table_functions=TABLE_FUNCTIONS))
+            sources=frozenset(self._views.values()), functions=self.functions,
+            table_functions=TABLE_FUNCTIONS))
 
     def dataframe(self, sql: str) -> DataFrame:
         """The analysed DataFrame of ``sql`` in this session (checked first for non-admins).

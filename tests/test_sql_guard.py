@@ -21,19 +21,24 @@ VIEW = relation_view("dicom_deid", "t")
 
 
 @pytest.fixture(scope="module")
-def analyst(spark, tmp_path_factory):
+def table_t(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("guard") / "t"
+    write_deltalake(str(path), pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def analyst(spark, table_t):
     """An analyst session holding one view (of a tiny Delta table) and nothing else; the
     shared catalog holds a parquet table with a secret, as an admin's CTAS would leave."""
     from dicomlake.sql.guard import builtin_functions
 
-    path = tmp_path_factory.mktemp("guard") / "t"
-    write_deltalake(str(path), pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}))
     spark.sql("CREATE TABLE IF NOT EXISTS default.guard_secret USING parquet AS "
               "SELECT 'Doe^Jane' AS patient_name")
     session = RoleSession(Role.ANALYST, spark.newSession(),
                           builtin_functions(spark, FUNCTION_GROUPS, EXTRA_FUNCTIONS))
     session.spark.conf.set("spark.sql.runSQLOnFiles", "false")
-    session.sync({("dicom_deid", "t"): str(path)})
+    session.sync({("dicom_deid", "t"): table_t})
     yield session
     spark.sql("DROP TABLE IF EXISTS default.guard_secret")
 
@@ -92,6 +97,16 @@ def test_only_the_roles_views_are_readable(analyst, sql):
     assert _refused(analyst, sql).code is E.TABLE_NOT_FOUND
 
 
+def test_a_name_with_a_newline_cannot_hide_a_read(analyst):
+    """The analysed plan is judged line by line: a made-up line (a column alias with a
+    newline) adds lines, never hides one, and a line that is no plan node is refused."""
+    fake = "x\n+- RelationV2[a#1] dicomlake_analyst_dicom_deid_t"
+    for sql in (f"SELECT * FROM VALUES (1) AS v(`{fake}`), "
+                "(WITH guard_secret AS (SELECT 1) SELECT 1), guard_secret",
+                f"SELECT * FROM VALUES (1) AS v(`{fake}`)"):
+        assert _refused(analyst, sql).code is E.TABLE_NOT_FOUND
+
+
 @pytest.mark.parametrize(("sql", "code"), [
     ("SELECT reflect('java.lang.System', 'getenv', 'HOME')", E.PERMISSION_DENIED),
     ("SELECT java_method('java.lang.System', 'getenv', 'HOME')", E.PERMISSION_DENIED),
@@ -109,13 +124,12 @@ def test_only_allow_listed_functions(analyst, sql, code):
     assert _refused(analyst, sql).code is code
 
 
-def test_views_of_tables_that_went_away_are_dropped(analyst, tmp_path):
+def test_views_of_tables_that_went_away_are_dropped(analyst, table_t, tmp_path):
     other = tmp_path / "u"
     write_deltalake(str(other), pa.table({"a": [1]}))
-    current = dict(analyst._views)
-    analyst.sync({("dicom_deid", "t"): current[VIEW], ("dicom_deid", "u"): str(other)})
+    analyst.sync({("dicom_deid", "t"): table_t, ("dicom_deid", "u"): str(other)})
     assert analyst.dataframe(f"SELECT * FROM {relation_view('dicom_deid', 'u')}").count() == 1
-    analyst.sync({("dicom_deid", "t"): current[VIEW]})
+    analyst.sync({("dicom_deid", "t"): table_t})
     assert _refused(analyst, f"SELECT * FROM {relation_view('dicom_deid', 'u')}").code \
         is E.TABLE_NOT_FOUND
 
