@@ -159,6 +159,9 @@ def test_retrain_new_codebook_refuses_old_codes_then_reencodes(spark, settings, 
 
 
 def test_thumbnail_sql_function(spark, lake):
-    row = spark.sql("SELECT dicom_thumbnail(path) AS png FROM dicom.instances "
-                    "WHERE modality = 'CT' LIMIT 1").first()
-    assert bytes(row.png).startswith(b"\x89PNG")
+    # CTs that have pixels (header-only objects are instances too); undecodable ones are NULL
+    rows = spark.sql("SELECT dicom_thumbnail(path) AS png FROM dicom.instances "
+                     "WHERE modality = 'CT' AND pixel_data_offset IS NOT NULL").collect()
+    pngs = [bytes(r.png) for r in rows if r.png is not None]
+    assert pngs and all(png.startswith(b"\x89PNG") for png in pngs)
+    assert len(rows) - len(pngs) <= lake.pixel_errors
