@@ -50,4 +50,4 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "slow or not slow"  # everything; plain `pytest` runs the fast tests only
