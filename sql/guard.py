@@ -87,8 +87,8 @@ class Allowance:
     """Temporary views of the role's session (its relations and metadata views): the only
     names a statement may read."""
     sources: frozenset[str]
-    """Python data sources those views read: the only reads of data an analysed plan may
-    hold (each name is registered in this role's session only)."""
+    """Catalog tables those views read (through data sources registered in this role's
+    session only): the only reads of data an analysed plan may hold."""
     functions: frozenset[str]
     """Scalar, aggregate, window and generator functions."""
     table_functions: frozenset[str]
@@ -245,8 +245,8 @@ class PlanGuard:
 
         Judged on ``treeString``, which lists every node (subqueries and CTE definitions
         included) one per line: each node must be a query operator or constant relation
-        (:data:`ANALYZED_NODES`), and each ``RelationV2`` a read of one of the role's sources
-        (the source's name ends its line). It costs well under a millisecond; serialising the
+        (:data:`ANALYZED_NODES`), and each ``RelationV2`` a read of one of the role's tables
+        (the table's name ends its line). It costs well under a millisecond; serialising the
         analysed plan as JSON cost ~40 ms. A name a user chose (a column alias with a newline)
         can add lines, never hide one, and an odd line is refused.
         """

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import types as T
 
-from dicomlake.sql.roles import metadata_view, readable, relation_view
+from dicomlake.sql.roles import HIDDEN_PREFIX, metadata_view, readable, relation_view
 from dicomlake.sql.types import trino_type
 from dicomlake.sql.users import Role
 
@@ -209,7 +209,8 @@ class LakeCatalog:
             if key not in self._registered:
                 warehouse.register(self.spark, only=key)
                 self._registered.add(key)
-        schemas = sorted(db.name for db in self.spark.catalog.listDatabases())
+        schemas = sorted(db.name for db in self.spark.catalog.listDatabases()
+                         if not db.name.startswith(HIDDEN_PREFIX))
         tables: dict[tuple[str, str], TableInfo] = {}
         for schema in schemas:
             for table in self.spark.catalog.listTables(schema):

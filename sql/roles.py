@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
     from dicomlake.config import Settings
 
+HIDDEN_PREFIX = "__dl_"
+"""Names the service makes for itself (views, databases); never listed to users."""
 RELATION_PREFIX = "__dl_rel__"
 """Temporary views of lake tables in non-admin sessions: ``__dl_rel__<schema>__<table>``."""
 METADATA_PREFIX = "__dl_md__"
@@ -62,6 +64,12 @@ TABLE_FUNCTIONS = frozenset({"range", "image_knn", "explode", "explode_outer", "
                              "inline_outer", "posexplode", "posexplode_outer", "stack",
                              "json_tuple"})
 """Functions non-admins may use in ``FROM``."""
+
+
+def role_database(role: Role) -> str:
+    """The hidden catalog database holding a role's tables (readable from its session only:
+    their data sources are registered nowhere else; listings leave ``__dl_`` names out)."""
+    return f"{HIDDEN_PREFIX}{role.value}"
 
 
 def relation_view(schema: str, table: str) -> str:
@@ -96,7 +104,8 @@ class RoleSession:
     spark: SparkSession
     functions: frozenset[str] = frozenset()
     _views: dict[str, str] = field(default_factory=dict)
-    """Relation view name -> the data source it reads (registered in this session only)."""
+    """Relation view name -> the catalog table it reads (whose data source is registered in
+    this session only): what the analysed plan names in its ``RelationV2`` line."""
     _metadata: set[str] = field(default_factory=set)
     _guard: PlanGuard | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -107,18 +116,29 @@ class RoleSession:
 
     def sync(self, tables: dict[tuple[str, str], str]) -> None:
         """Make the session hold a view for exactly these tables (``(schema, table) -> path``)
-        and nothing else; re-made when a table's path or schema changed."""
+        and nothing else; re-made when a table's path or schema changed.
+
+        Each view is SQL text over a catalog table of a hidden per-role database, read through
+        a data source registered in this session only. A view ``USING`` the source directly
+        would keep the files it listed when it was made (Spark reuses that source instance);
+        the catalog table is resolved afresh by every query, so appends show at once.
+        """
+        database = role_database(self.role)
         with self._lock:
             wanted = {relation_view(s, t): (s, t, p) for (s, t), p in tables.items()}
+            self.spark.sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
             for view in set(self._views) - set(wanted):
                 self.spark.catalog.dropTempView(view)
+                self.spark.sql(f"DROP TABLE IF EXISTS `{database}`.`{view}`")
                 del self._views[view]
             for view, (schema, table, path) in wanted.items():
                 source = _source_class(self.role, schema, table, path)
                 self.spark.dataSource.register(source)
-                self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{view}` "
-                               f"USING {source.source_name}")
-                self._views[view] = source.source_name
+                self.spark.sql(f"DROP TABLE IF EXISTS `{database}`.`{view}`")
+                self.spark.sql(f"CREATE TABLE `{database}`.`{view}` USING {source.source_name}")
+                self.spark.sql(f"CREATE OR REPLACE TEMPORARY VIEW `{view}` AS "
+                               f"SELECT * FROM `{database}`.`{view}`")
+                self._views[view] = f"spark_catalog.{database}.{view}"
             self._update_guard()
 
     def add_metadata_view(self, name: str) -> None:

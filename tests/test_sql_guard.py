@@ -17,6 +17,8 @@ from dicomlake.sql.roles import (
 )
 from dicomlake.sql.users import Role
 
+pytestmark = pytest.mark.slow  # starts the run's Spark session
+
 VIEW = relation_view("dicom_deid", "t")
 
 
@@ -100,7 +102,7 @@ def test_only_the_roles_views_are_readable(analyst, sql):
 def test_a_name_with_a_newline_cannot_hide_a_read(analyst):
     """The analysed plan is judged line by line: a made-up line (a column alias with a
     newline) adds lines, never hides one, and a line that is no plan node is refused."""
-    fake = "x\n+- RelationV2[a#1] dicomlake_analyst_dicom_deid_t"
+    fake = "x\n+- RelationV2[a#1] spark_catalog.__dl_analyst.__dl_rel__dicom_deid__t"
     for sql in (f"SELECT * FROM VALUES (1) AS v(`{fake}`), "
                 "(WITH guard_secret AS (SELECT 1) SELECT 1), guard_secret",
                 f"SELECT * FROM VALUES (1) AS v(`{fake}`)"):
@@ -122,6 +124,18 @@ def test_a_name_with_a_newline_cannot_hide_a_read(analyst):
 ])
 def test_only_allow_listed_functions(analyst, sql, code):
     assert _refused(analyst, sql).code is code
+
+
+def test_appends_show_at_once(analyst, table_t, tmp_path):
+    """The view is resolved afresh by each query (a view USING the source kept its files)."""
+    other = tmp_path / "grows"
+    write_deltalake(str(other), pa.table({"a": [1]}))
+    analyst.sync({("dicom_deid", "t"): table_t, ("dicom_deid", "grows"): str(other)})
+    view = relation_view("dicom_deid", "grows")
+    assert analyst.dataframe(f"SELECT count(*) FROM {view}").first()[0] == 1
+    write_deltalake(str(other), pa.table({"a": [2, 3]}), mode="append")
+    assert analyst.dataframe(f"SELECT count(*) FROM {view}").first()[0] == 3
+    analyst.sync({("dicom_deid", "t"): table_t})
 
 
 def test_views_of_tables_that_went_away_are_dropped(analyst, table_t, tmp_path):
