@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from dicomlake.errors import DicomlakeError
+
+__all__ = ["DicomlakeError", "ErrorKind", "HeaderError"]
+
 
 class ErrorKind(StrEnum):
     """Why an input became an error record instead of a row."""
@@ -38,10 +42,6 @@ class ErrorKind(StrEnum):
     """A DICOMDIR: the index of a medium, recorded but not an instance."""
     SKIPPED = "skipped"
     """Operating-system litter skipped by a documented rule (``preflight.SKIP_RULES``)."""
-
-
-class DicomlakeError(Exception):
-    """Base of dicomlake's own errors."""
 
 
 class HeaderError(DicomlakeError):

@@ -13,6 +13,8 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
+from dicomlake.errors import DicomlakeError
+
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CODE = re.compile(r"^[A-Za-z0-9 _^-]{1,64}$")
 MAX_PAGE = 200
@@ -20,7 +22,7 @@ MAX_PAGE = 200
 MAX_NEIGHBOURS = 100
 
 
-class BrowseInputError(ValueError):
+class BrowseInputError(DicomlakeError, ValueError):
     """A browser request carried a value that cannot be used in SQL (says which and why)."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomlake.config import load_settings
+from dicomlake.errors import DicomlakeError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8080"
 """Where ``dicomlake serve`` listens by default."""
@@ -27,7 +28,7 @@ ANY_USER = "*"
 """The entry that maps every Jupyter user without an entry of their own."""
 
 
-class IdentityError(Exception):
+class IdentityError(DicomlakeError):
     """No usable mapping for a Jupyter user (the message says how to add one)."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from dicomlake.errors import DicomlakeError
 from dicomlake.extension.identities import Connection
 
 CATALOG = "dicomlake"
@@ -26,7 +27,7 @@ SOURCE = "dicomlake-jupyterlab"
 """``X-Trino-Source``: lets the audit log tell sidebar queries from other clients."""
 
 
-class SqlClientError(Exception):
+class SqlClientError(DicomlakeError):
     """The endpoint could not be reached or answered outside the protocol."""
 
     def __init__(self, message: str, *, status: int = 502) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from dicomlake.errors import DicomlakeError
+
 
 class ErrorType(StrEnum):
     """Trino's error classes: whose fault it is."""
@@ -64,7 +66,7 @@ GENERIC_INSUFFICIENT_RESOURCES = ErrorCode("GENERIC_INSUFFICIENT_RESOURCES", 131
 EXCEEDED_TIME_LIMIT = ErrorCode("EXCEEDED_TIME_LIMIT", 131075, ErrorType.INSUFFICIENT_RESOURCES)
 
 
-class SqlServiceError(Exception):
+class SqlServiceError(DicomlakeError):
     """Base of the SQL service's own errors."""
 
 

@@ -18,10 +18,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicomlake.errors import DicomlakeError
 from dicomlake.streaming.settings import StreamSettings
 
 
-class BrokerError(RuntimeError):
+class BrokerError(DicomlakeError, RuntimeError):
     """The broker cannot be started or reached."""
 
 

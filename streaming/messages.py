@@ -17,13 +17,15 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from dicomlake.errors import DicomlakeError
+
 SCHEMA = "upload/1"
 H_SCHEMA, H_NAME, H_SIZE, H_SHA, H_SENT, H_REF = (
     "dicomlake-schema", "dicomlake-name", "dicomlake-size", "dicomlake-sha256",
     "dicomlake-sent-ms", "dicomlake-ref")
 
 
-class BadMessageError(ValueError):
+class BadMessageError(DicomlakeError, ValueError):
     """A record that cannot be an upload; ``kind`` is the ``dicom.errors.error_kind``."""
 
     def __init__(self, kind: str, message: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomlake.config import Settings
+from dicomlake.errors import DicomlakeError
 from dicomlake.streaming.broker import (
     EmbeddedBroker,
     _alive,
@@ -27,7 +28,7 @@ from dicomlake.streaming.broker import (
 from dicomlake.streaming.settings import StreamSettings, load_stream, state_dir
 
 
-class StreamError(RuntimeError):
+class StreamError(DicomlakeError, RuntimeError):
     """The stream cannot be started or controlled."""
 
 

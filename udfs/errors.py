@@ -1,6 +1,6 @@
 """Errors of the similarity stack, each naming what failed and what to do next.
 
-They share :class:`dicomlake.catalog.DicomlakeError` so callers can catch everything the
+They share :class:`dicomlake.errors.DicomlakeError` so callers can catch everything the
 project raises with one ``except``.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from dicomlake.catalog.errors import DicomlakeError
+from dicomlake.errors import DicomlakeError
 
 
 class PixelErrorKind(StrEnum):
