@@ -16,12 +16,12 @@ They live in the ``[stream]`` section of the same TOML file as the core settings
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dicomlake.config import Settings, config_section
+from dicomlake.config import Settings, load_section
+from dicomlake.errors import ConfigError
 
 BAD_MESSAGE = "bad_message"
 """``dicom.errors.error_kind`` for a message that is not a dicomlake upload (wrong schema)."""
@@ -66,11 +66,11 @@ class StreamSettings:
         for name in ("partitions", "inline_max_bytes", "max_image_bytes", "parallelism",
                      "checkpoint_interval_ms", "tick_ms", "max_records", "min_train"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"dicomlake setting 'stream.{name}' must be > 0, got "
-                                 f"{getattr(self, name)}")
+                raise ConfigError(f"dicomlake setting 'stream.{name}' must be > 0, got "
+                                  f"{getattr(self, name)}")
         if not self.topic or self.topic == self.dead_letter_topic:
-            raise ValueError("dicomlake settings 'stream.topic' and 'stream.dead_letter_topic' "
-                             "must be set and differ")
+            raise ConfigError("dicomlake settings 'stream.topic' and 'stream.dead_letter_topic' "
+                              "must be set and differ")
 
     @property
     def embedded(self) -> bool:
@@ -86,21 +86,14 @@ class StreamSettings:
 
 
 def load_stream(settings: Settings) -> StreamSettings:
-    """Read ``[stream]`` from the config file and the environment."""
-    data = config_section(settings.home, "stream")
-    known = {f.name: f for f in fields(StreamSettings)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ValueError(f"unknown dicomlake settings in [stream]: {sorted(unknown)}; known: "
-                         f"{sorted(known)}")
-    if os.environ.get("DICOMLAKE_KAFKA_BOOTSTRAP"):
-        data["bootstrap_servers"] = os.environ["DICOMLAKE_KAFKA_BOOTSTRAP"]
-    if os.environ.get("DICOMLAKE_FLINK_PYTHON"):
-        data["flink_python"] = os.environ["DICOMLAKE_FLINK_PYTHON"]
-    values = {k: (int(v) if known[k].type == "int" else str(v)) for k, v in data.items()}
-    if not values.get("flink_python"):
-        values["flink_python"] = _default_flink_python()
-    return StreamSettings(**values)
+    """Read ``[stream]`` from the config file and the environment; unknown keys and wrong
+    types are errors naming the file and the key."""
+    stream = load_section(settings, "stream", StreamSettings,
+                          env={"bootstrap_servers": "DICOMLAKE_KAFKA_BOOTSTRAP",
+                               "flink_python": "DICOMLAKE_FLINK_PYTHON"})
+    if stream.flink_python:
+        return stream
+    return replace(stream, flink_python=_default_flink_python())
 
 
 def state_dir(settings: Settings) -> Path:

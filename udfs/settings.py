@@ -18,12 +18,12 @@ They live in the ``[similarity]`` section of the same TOML file as the core sett
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from dicomlake.config import Settings, choice, config_section
+from dicomlake.config import Settings, load_section
+from dicomlake.errors import ConfigError
 
 
 class CodeStoreKind(StrEnum):
@@ -74,11 +74,11 @@ class SimilaritySettings:
     def __post_init__(self) -> None:
         for name in ("m", "train_sample", "nprobe", "batch_size"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"dicomlake setting 'similarity.{name}' must be > 0, got "
-                                 f"{getattr(self, name)}")
+                raise ConfigError(f"dicomlake setting 'similarity.{name}' must be > 0, got "
+                                  f"{getattr(self, name)}")
         if self.nlist < 0 or self.refine < 0:
-            raise ValueError("dicomlake settings 'similarity.nlist' and 'similarity.refine' "
-                             "must be >= 0")
+            raise ConfigError("dicomlake settings 'similarity.nlist' and 'similarity.refine' "
+                              "must be >= 0")
 
     def with_store(self, kind: CodeStoreKind | str, **hbase: Any) -> SimilaritySettings:
         """A copy using another store (and HBase connection fields)."""
@@ -86,25 +86,18 @@ class SimilaritySettings:
                        hbase=replace(self.hbase, **hbase))
 
 
+_ENVIRONMENT = {
+    "code_store": "DICOMLAKE_CODE_STORE",
+    "backend": "DICOMLAKE_EMBED_BACKEND",
+    "hbase.host": "DICOMLAKE_HBASE_HOST",
+    "hbase.port": "DICOMLAKE_HBASE_PORT",
+    "hbase.emulator": "DICOMLAKE_HBASE_EMULATOR",
+}
+"""Variables that override a ``[similarity]`` setting (for one run, e.g. in CI)."""
+
+
 def load_similarity(settings: Settings) -> SimilaritySettings:
-    """Read ``[similarity]`` from the config file and the environment."""
-    data = config_section(settings.home, "similarity")
-    hb = dict(data.pop("hbase", {}))
-    store = os.environ.get("DICOMLAKE_CODE_STORE", data.pop("code_store", "delta"))
-    kind = choice(CodeStoreKind, store, "similarity.code_store")
-    for key in ("host", "emulator"):
-        env = os.environ.get(f"DICOMLAKE_HBASE_{key.upper()}")
-        if env:
-            hb[key] = env
-    if os.environ.get("DICOMLAKE_HBASE_PORT"):
-        hb["port"] = int(os.environ["DICOMLAKE_HBASE_PORT"])
-    configured = data.pop("backend", "onnx")
-    backend = os.environ.get("DICOMLAKE_EMBED_BACKEND") or configured
-    model = choice(ModelBackend, backend, "similarity.backend")
-    known = set(SimilaritySettings.__dataclass_fields__) - {"code_store", "backend", "hbase"}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown dicomlake settings in [similarity]: {sorted(unknown)}; "
-                         f"known: {sorted(known)}")
-    return SimilaritySettings(code_store=kind, backend=model, hbase=HBaseSettings(**hb),
-                              **{k: int(v) for k, v in data.items()})
+    """Read ``[similarity]`` (and ``[similarity.hbase]``) from the config file and the
+    environment; unknown keys and wrong types are errors naming the file and the key."""
+    return load_section(settings, "similarity", SimilaritySettings, env=_ENVIRONMENT)
+
