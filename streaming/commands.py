@@ -10,29 +10,37 @@ import click
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per file.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input.")
 def upload(paths: tuple[str, ...], as_json: bool) -> None:
-    """Upload DICOM files or ZIP archives (each member) to the imageupload topic.
+    """Upload DICOM files, folders or archives (ZIP, tar: each DICOM member) to the
+    imageupload topic.
 
-    Every file is confirmed by the broker; failures are listed and the exit code is 1.
+    Every image sent is confirmed by the broker. Inputs that are no image (not DICOM,
+    skipped litter, damaged members, a DICOMDIR) are not sent; they are listed and counted.
+    The exit code is 1 when the broker did not confirm an image.
     """
     from dicomlake.streaming.broker import BrokerError
+    from dicomlake.streaming.producer import summarize
     from dicomlake.streaming.producer import upload as run_upload
 
     try:
         results = run_upload(list(paths))
     except BrokerError as exc:
         raise click.ClickException(str(exc)) from exc
-    failed = [r for r in results if not r.ok]
     for r in results:
         if as_json:
             click.echo(json.dumps(r.__dict__, sort_keys=True))
-        elif not r.ok:
+        elif r.rejected:
+            click.echo(f"not sent {r.name}: {r.kind}: {r.error}", err=True)
+        elif r.failed:
             click.echo(f"FAILED {r.name}: {r.error}", err=True)
+    counts = summarize(results)
     if not as_json:
-        click.echo(f"uploaded {len(results) - len(failed)} of {len(results)} file(s)"
-                   + (f"; {len(failed)} FAILED" if failed else ""))
-    if failed:
+        kinds = ", ".join(f"{n} {k}" for k, n in counts["not_sent_kinds"].items())
+        click.echo(f"uploaded {counts['sent']} of {counts['inputs']} input(s)"
+                   + (f"; {counts['not_sent']} not sent ({kinds})" if kinds else "")
+                   + (f"; {counts['failed']} FAILED" if counts["failed"] else ""))
+    if counts["failed"]:
         sys.exit(1)
 
 
