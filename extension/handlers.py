@@ -14,7 +14,8 @@ Routes:
 * ``GET completions`` - tables and columns for the editor's completion
 * ``POST queries`` / ``GET queries/{id}?offset=&limit=&wait=`` / ``DELETE queries/{id}``
 * ``POST browse/{action}`` - the dataset browser's statements
-* ``POST uploads`` (multipart ``files``) / ``GET uploads/{id}``
+* ``POST uploads`` (multipart ``files``) / ``GET uploads/{id}``: the upload stream when its
+  job runs, else batch ingest + embed (``path`` in the reply)
 """
 
 from __future__ import annotations
@@ -291,7 +292,8 @@ _BROWSE_ACTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
 
 
 class UploadsHandler(BaseHandler):
-    """Accept DICOM files or ZIPs and start their ingest."""
+    """Accept DICOM files or archives and send them into the lake: through the upload
+    stream when its job runs, else the batch fallback; the reply's ``path`` says which."""
 
     @tornado.web.authenticated
     async def post(self) -> None:
@@ -304,14 +306,24 @@ class UploadsHandler(BaseHandler):
 
         async def work() -> None:
             job = self.state.uploads.save(self.jupyter_user, files)
-            self.state.uploads.start(job)
+            await self.state.uploads.start(job)
             self.reply(job.to_json(), status=202)
 
         await self.guarded(work)
 
 
+def _stream_check_sql(sha256s: list[str]) -> str:
+    """How many instances the stream has written so far from these images (its rows carry
+    the image's SHA-256 as ``source_fingerprint``)."""
+    values = ", ".join(browse_sql.literal(s) for s in sha256s) or "NULL"
+    return ("SELECT count(*) AS instances, count(DISTINCT series_instance_uid) AS series\n"
+            "FROM dicom.instances\n"
+            f"WHERE source_fingerprint IN ({values})")
+
+
 class UploadHandler(BaseHandler):
-    """Progress of one upload; once done, the SQL that counts what it added."""
+    """Progress of one upload; once done, the SQL that counts what it added (for the stream
+    path: what the job has written so far, as it writes after the broker confirmed)."""
 
     @tornado.web.authenticated
     async def get(self, job_id: str) -> None:
@@ -322,7 +334,8 @@ class UploadHandler(BaseHandler):
 
         async def work() -> None:
             if job.state == "FINISHED":
-                sql = browse_sql.count_source_sql(str(job.folder))
+                sql = (_stream_check_sql(job.sent_sha256) if job.path == "stream"
+                       else browse_sql.count_source_sql(str(job.folder)))
                 doc["check"] = _result_doc(await self.sql_client().execute(sql))
             self.reply(doc)
 
