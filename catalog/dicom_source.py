@@ -19,22 +19,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
-from pyspark.sql.types import (
-    ArrayType,
-    DateType,
-    DoubleType,
-    IntegerType,
-    LongType,
-    StringType,
-    StructField,
-    StructType,
-    TimestampType,
-)
+from pyspark.sql.pandas.types import from_arrow_schema, from_arrow_type
+from pyspark.sql.types import StringType, StructField, StructType
 
+from dicomlake.catalog import tables
 from dicomlake.catalog.archives import Found, Limits
-from dicomlake.catalog.columns import PROMOTED, promoted_values
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.inputs import Source, plan_sources
+from dicomlake.catalog.rows import Origin, error_message, instance_row, provenance
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -43,44 +35,20 @@ if TYPE_CHECKING:
 CORRUPT_RECORD = "_corrupt_record"
 ERROR_KIND = "_error_kind"
 
-_KIND_TYPES = {"str": StringType(), "name": StringType(), "date": DateType(),
-               "int": IntegerType(), "float": DoubleType(), "floats": ArrayType(DoubleType())}
+PROVENANCE: StructType = from_arrow_schema(tables.provenance_schema())
+"""The provenance columns (declared once, in :mod:`dicomlake.catalog.tables`)."""
 
-PROVENANCE = StructType([
-    StructField("path", StringType(), False),
-    StructField("source", StringType(), False),
-    StructField("source_fingerprint", StringType(), False),
-    StructField("source_members", IntegerType(), False),
-    StructField("archive", StringType()),
-    StructField("member", StringType()),
-    StructField("member_index", IntegerType()),
-    StructField("file_size", LongType()),
-    StructField("compressed_size", LongType()),
-    StructField("crc32", LongType()),
-    StructField("modified", TimestampType()),
-])
-
-
-WARNINGS_TYPE = ArrayType(StructType([
-    StructField("tag", StringType()), StructField("keyword", StringType()),
-    StructField("value", StringType()), StructField("reason", StringType()),
-]))
+WARNINGS_TYPE = from_arrow_type(tables.warnings_type())
 """Values that did not parse (kept as text in ``meta``, NULL in their typed column)."""
 
 
 def dicom_schema(corrupt_record: str = CORRUPT_RECORD) -> StructType:
-    """The schema of the ``dicom`` source: provenance, promoted columns, meta, error."""
-    fields = list(PROVENANCE.fields)
-    fields += [StructField(name, _KIND_TYPES[kind]) for name, _, kind in PROMOTED]
-    fields += [
-        StructField("transfer_syntax_uid", StringType()),
-        StructField("pixel_data_offset", LongType()),
-        StructField("pixel_data_length", LongType()),
-        StructField("meta", StringType()),
-        StructField("warnings", WARNINGS_TYPE),
-        StructField(corrupt_record, StringType()),
-        StructField(ERROR_KIND, StringType()),
-    ]
+    """The schema of the ``dicom`` source: provenance, promoted columns, meta, warnings,
+    error (the table columns come from the registry; the last three are the source's own)."""
+    fields = [*PROVENANCE.fields, *from_arrow_schema(tables.header_schema()).fields,
+              StructField("warnings", WARNINGS_TYPE),
+              StructField(corrupt_record, StringType()),
+              StructField(ERROR_KIND, StringType())]
     return StructType(fields)
 
 
@@ -223,33 +191,24 @@ class DicomDataSourceReader(DataSourceReader):
         warnings.simplefilter("ignore")  # pydicom warns per odd element; errors are rows
         opts = self.options
         for piece in partition.slices:
+            origin = Origin(piece.source.path, piece.source.fingerprint,
+                            piece.source.input_count)
             for found in read_source(piece.source, piece.start, piece.stop, opts.limits):
-                row = self._row(piece.source, found)
+                row = self._row(origin, found)
                 if row is not None:
                     yield row
 
-    def _row(self, source: Source, found: Found) -> dict[str, Any] | None:
-        row: dict[str, Any] = {
-            "path": found.path, "source": source.path,
-            "source_fingerprint": source.fingerprint,
-            "source_members": source.input_count, "archive": found.archive,
-            "member": found.member, "member_index": found.member_index,
-            "file_size": found.file_size, "compressed_size": found.compressed_size,
-            "crc32": found.crc32, "modified": found.modified,
-        }
+    def _row(self, origin: Origin, found: Found) -> dict[str, Any] | None:
         if found.header is not None:
-            row.update(promoted_values(found.header))
-            return row
+            return instance_row(origin, found)
         assert found.error is not None
-        kind, message = found.error
-        where = (f"archive {found.archive} member {found.member}" if found.member
-                 else found.path)
-        full = message if found.path in message else f"{where}: {message}"
+        kind, full = found.error[0], error_message(found)
         mode = self.options.mode
         if mode is ParseMode.FAILFAST and kind is not ErrorKind.SKIPPED:
             raise HeaderError(kind, f"dicom (mode FAILFAST): {full}")
         if mode is not ParseMode.PERMISSIVE:
             return None
+        row = provenance(origin, found)
         row[self.options.corrupt_record] = full
         row[ERROR_KIND] = kind.value
         return row

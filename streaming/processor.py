@@ -1,21 +1,20 @@
 """What the Flink job does with a batch of upload records: the lake side, without Flink.
 
-For each record: check the message, parse the header with the batch source's parser
-(:func:`dicomlake.catalog.header.read_header` + the same promoted columns), store the image
-in the lake, embed it with the batch UDF's code and encode it with the current PQ codebook.
-Then one Delta commit per table, in this order: ``errors``, ``pixel_errors``,
-``embeddings``, ``codes``, and ``instances`` last, so a row visible in ``dicom.instances`` is
-already searchable.
+Each step is the batch path's own code, so an upload and an ingested file give the same rows:
+the message check (:mod:`.messages`), the pre-check and header row
+(:func:`dicomlake.catalog.preflight.parse_instance`, :mod:`dicomlake.catalog.rows`), the
+duplicate rule (:mod:`dicomlake.catalog.duplicates`), the feature pipeline for the configured
+backend (:mod:`dicomlake.udfs.features`), the code store (:mod:`dicomlake.udfs.codestore`),
+and the summaries (:mod:`dicomlake.catalog.summaries`). Then one Delta commit per table, in
+:data:`COMMIT_ORDER`, ``instances`` last, so a row visible in ``dicom.instances`` is already
+searchable; ``series``/``studies`` follow from the committed instance rows.
 
-Exactly-once: every commit carries a Delta app transaction per Kafka partition
-(``dicomlake-stream/<epoch>/<topic>/<partition>`` = next offset). Before writing, rows of
-offsets a table already committed are dropped, so a replay after a crash (Flink restores an
-older checkpoint) adds nothing twice; a transaction version only ever moves forward, also
-when a replayed batch ends before what a table already holds. ``instances`` is committed
-last, also when it gets no rows, so its transaction versions say where every table is
-complete: the start offsets when the job has no state. With the HBase code store
-(``similarity.code_store = "hbase"``) codes go there instead of ``dicom.codes``, under row
-keys derived from the image id, so a replayed code overwrites its own row. The dead-letter
+Exactly-once: :class:`~dicomlake.streaming.commits.DeltaAppender` tags every commit with the
+next offset per Kafka partition; rows of offsets a table already holds are dropped before
+writing, so a replay after a crash (Flink restores an older checkpoint) adds nothing twice.
+``instances`` is committed last, also when it gets no rows, so its transaction versions say
+where every table is complete. Codes are de-duplicated by key in the store as well (the
+catch-up encoder writes codes for replayed records without transactions). The dead-letter
 topic is at-least-once (a record is re-sent only if the job died between sending it and
 committing ``dicom.errors``).
 
@@ -32,28 +31,29 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicomlake.catalog import tables
+from dicomlake.catalog.archives import Found
+from dicomlake.catalog.duplicates import find_duplicates
 from dicomlake.catalog.errors import ErrorKind, HeaderError
+from dicomlake.catalog.rows import Origin, error_row, instance_row
 from dicomlake.streaming import messages
+from dicomlake.streaming.commits import DeltaAppender
 from dicomlake.streaming.messages import BadMessageError
 from dicomlake.streaming.settings import BAD_MESSAGE, StreamSettings
 
 if TYPE_CHECKING:
-    import numpy as np
     import pyarrow as pa
 
     from dicomlake.udfs.pq import Codebook
 
-SCHEMA = "dicom"
 INSTANCES, ERRORS, WARNINGS, EMBEDDINGS, PIXEL_ERRORS, CODES = (
-    "instances", "errors", "warnings", "embeddings", "pixel_errors", "codes")
+    tables.INSTANCES.name, tables.ERRORS.name, tables.WARNINGS.name, tables.EMBEDDINGS.name,
+    tables.PIXEL_ERRORS.name, tables.CODES.name)
 COMMIT_ORDER = (ERRORS, WARNINGS, PIXEL_ERRORS, EMBEDDINGS, CODES, INSTANCES)
-CHECKPOINT_EVERY = 100
-"""Write a Delta checkpoint every this many versions of a table the stream appends to."""
 
 
 @dataclass(frozen=True)
@@ -68,18 +68,84 @@ class Record:
 
 
 @dataclass
-class _Rows:
-    """Rows per table, each tagged with the (partition, offset) it came from."""
+class _Accepted:
+    """A record whose payload is a DICOM instance: its row and where its bytes go."""
 
-    rows: dict[str, list[tuple[int, int, dict[str, Any]]]] = field(
+    record: Record
+    data: bytes
+    target: Path
+    row: dict[str, Any]
+
+
+@dataclass
+class _Batch:
+    """Rows per table of one ``process`` call, each tagged with its record."""
+
+    rows: dict[str, list[tuple[Record, dict[str, Any]]]] = field(
+        default_factory=lambda: {t: [] for t in COMMIT_ORDER})
+    arrow: dict[str, list[tuple[pa.Table, list[Record]]]] = field(
         default_factory=lambda: {t: [] for t in COMMIT_ORDER})
 
     def add(self, table: str, rec: Record, row: dict[str, Any]) -> None:
-        self.rows[table].append((rec.partition, rec.offset, row))
+        self.rows[table].append((rec, row))
+
+    def add_table(self, table: str, data: pa.Table, recs: list[Record]) -> None:
+        if data.num_rows:
+            self.arrow[table].append((data, recs))
+
+    def table(self, table: str, schema: pa.Schema, done: dict[int, int]) -> pa.Table:
+        """The table's rows of records at or past ``done`` (what it does not hold yet)."""
+        import pyarrow as pa
+
+        keep = [row for rec, row in self.rows[table] if rec.offset >= done[rec.partition]]
+        parts = [pa.Table.from_pylist(keep, schema=schema)]
+        for data, recs in self.arrow[table]:
+            mask = pa.array([r.offset >= done[r.partition] for r in recs])
+            parts.append(data.filter(mask).select(schema.names).cast(schema))
+        return pa.concat_tables(parts)
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def read_payload(warehouse: Path, upload: messages.Upload, value: bytes | None,
+                 ) -> tuple[bytes, Path]:
+    """The image bytes (inline, or the referenced file in the lake's upload folder), checked
+    against the declared size and hash, and the content-addressed path they are kept at."""
+    store = warehouse / "_uploads"
+    target = store / upload.sha256[:2] / f"{upload.sha256}.dcm"
+    if upload.ref is not None:
+        ref = Path(upload.ref).resolve()
+        if not ref.is_relative_to(store.resolve()):
+            raise BadMessageError(BAD_MESSAGE, f"{upload.name}: reference {upload.ref} is "
+                                               f"outside the lake's upload folder {store}")
+        try:
+            data = ref.read_bytes()
+        except OSError as exc:
+            raise BadMessageError(ErrorKind.UNREADABLE.value,
+                                  f"{upload.name}: referenced file {ref} cannot be read "
+                                  f"({exc.strerror})") from None
+    else:
+        data = value or b""
+    if len(data) != upload.size:
+        raise BadMessageError(ErrorKind.TRUNCATED.value,
+                              f"{upload.name}: {len(data)} bytes arrived, {upload.size} "
+                              "declared")
+    if messages.sha256_of(data) != upload.sha256:
+        raise BadMessageError(BAD_MESSAGE, f"{upload.name}: content does not match its "
+                                           f"{messages.H_SHA} header (corrupted in transit)")
+    return data, target
+
+
+def store_payload(target: Path, data: bytes) -> None:
+    """Keep the bytes at their content address (atomic rename: readers never see half)."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
 
 
 class LakeWriter:
@@ -88,315 +154,121 @@ class LakeWriter:
     def __init__(self, home: str, warehouse: str, stream: StreamSettings, epoch: str,
                  dead_letter: Any | None = None) -> None:
         from dicomlake.config import Settings
-        from dicomlake.udfs.settings import CodeStoreKind, load_similarity
+        from dicomlake.udfs.codestore import open_store
+        from dicomlake.udfs.features import FeatureModel
+        from dicomlake.udfs.settings import load_similarity
 
         self.home = Path(home)
         self.warehouse = Path(warehouse)
         self.stream = stream
         self.epoch = epoch
         self.similarity = load_similarity(Settings(home=self.home, warehouse=self.warehouse))
-        self._hbase: Any = None
-        if self.similarity.code_store is CodeStoreKind.HBASE:
-            from dicomlake.udfs.hbase import HBaseCodeStore
-
-            self._hbase = HBaseCodeStore(self.similarity.hbase)
-            self._hbase.check()
+        self.model = FeatureModel(self.home, self.similarity.backend,
+                                  int(os.environ.get("DICOMLAKE_ONNX_THREADS", "2")))
+        self.store = open_store(self.warehouse, self.similarity)
+        self.store.check()
+        self.appender = DeltaAppender(self.warehouse, f"dicomlake-stream/{epoch}/{stream.topic}")
         self.dead_letter = dead_letter
         self.counts: Counter[str] = Counter()
-        self._uids: dict[str, str] = {}
+        self._uids: dict[str, tuple[str, str]] = {}
         self._uids_version = -2
         self._book: Codebook | None = None
         self._book_version = -2
-        self._codes: set[tuple[str, int, int]] = set()
-        self._codes_version = -2
-        self._schemas: dict[str, pa.Schema] = {}
-        self._embedder: Any = None
-        self._tables: dict[str, Any] = {}
 
     # -- tables -------------------------------------------------------------------------
     def path(self, table: str) -> Path:
-        return self.warehouse / SCHEMA / table
+        return self.appender.path(table)
 
     def app_id(self, partition: int) -> str:
-        return f"dicomlake-stream/{self.epoch}/{self.stream.topic}/{partition}"
+        return self.appender.app_id(partition)
 
-    def _table(self, table: str) -> Any:
-        """The table at its newest version.
+    def committed(self, table: str, partitions: list[int]) -> dict[int, int]:
+        """Next offset per partition already in ``table`` (0 when none); codes ask the
+        code store, which records the same markers with its writes."""
+        if table == CODES:
+            ids = {p: self.app_id(p) for p in partitions}
+            versions = self.store.transaction_versions(list(ids.values()))
+            return {p: versions.get(app, 0) for p, app in ids.items()}
+        return self.appender.committed(table, partitions)
 
-        Kept open and brought up to date with ``update_incremental`` (reads only the commits
-        since, a few ms) rather than opened per call: opening replays the whole log, 20-80 ms
-        per table after a few dozen commits and growing, and a batch asks about every table
-        twice (what is committed, then to commit), which made commits the slowest part of
-        an upload's way to ``dicom.instances``.
-        """
-        from deltalake import DeltaTable
-
-        cached = self._tables.get(table)
-        if cached is not None:
-            cached.update_incremental()
-            return cached
-        path = str(self.path(table))
-        if not DeltaTable.is_deltatable(path):
-            raise FileNotFoundError(f"table {SCHEMA}.{table} does not exist at {path}; "
-                                    "`dicomlake stream start` creates it before the job runs")
-        self._tables[table] = DeltaTable(path)
-        return self._tables[table]
-
-    def schema(self, table: str) -> pa.Schema:
-        import pyarrow as pa
-
-        if table not in self._schemas:
-            self._schemas[table] = pa.schema(self._table(table).schema().to_arrow())
-        return self._schemas[table]
-
-    def committed(self, table: str, partitions: Iterable[int]) -> dict[int, int]:
-        """Next offset per partition already in ``table`` (0 when none)."""
-        dt_ = self._table(table)
-        return {p: dt_.transaction_version(self.app_id(p)) or 0 for p in partitions}
-
-    def start_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+    def start_offsets(self, partitions: list[int]) -> dict[int, int]:
         """Where to start without Flink state: where ``instances`` (committed last) is."""
         return self.committed(INSTANCES, partitions)
 
     def _refresh_uids(self) -> None:
-        table = self._table(INSTANCES)
+        table = self.appender.table(INSTANCES)
         if table.version() == self._uids_version:
             return
-        data = table.to_pyarrow_table(columns=["sop_instance_uid", "source"])
-        self._uids = dict(zip(data.column("sop_instance_uid").to_pylist(),
-                              data.column("source").to_pylist(), strict=True))
+        data = table.to_pyarrow_table(columns=["sop_instance_uid", "path", "source"])
+        self._uids = {u: (p, s) for u, p, s in zip(
+            data.column("sop_instance_uid").to_pylist(), data.column("path").to_pylist(),
+            data.column("source").to_pylist(), strict=True) if u is not None}
         self._uids_version = table.version()
 
-    def _code_keys(self) -> set[tuple[str, int, int]]:
-        """(uid, frame, codebook version) of every stored code, re-read when the table moves.
-
-        Codes are de-duplicated by key, not only by the per-partition transaction ids: the
-        catch-up encoder commits codes for replayed records without those ids, so after a
-        crash the ids alone would let the replay write the same codes again.
-        """
-        if self._hbase is not None:  # read only when a codebook appears (catch-up)
-            data = self._hbase.load()
-            return set(zip(data.column("sop_instance_uid").to_pylist(),
-                           data.column("frame").to_pylist(),
-                           data.column("codebook_version").to_pylist(), strict=True))
-        table = self._table(CODES)
-        if table.version() != self._codes_version:
-            data = table.to_pyarrow_table(columns=["sop_instance_uid", "frame",
-                                                   "codebook_version"])
-            self._codes = set(zip(data.column("sop_instance_uid").to_pylist(),
-                                  data.column("frame").to_pylist(),
-                                  data.column("codebook_version").to_pylist(), strict=True))
-            self._codes_version = table.version()
-        return self._codes
-
-    def _new_codes(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        have = self._code_keys()
-        return [r for r in rows
-                if (r["sop_instance_uid"], r["frame"], r["codebook_version"]) not in have]
-
-    def _codes_committed(self, rows: list[dict[str, Any]], version: int) -> None:
-        if version != self._codes_version + 1:
-            return  # someone else committed in between: re-read on the next call
-        self._codes.update((r["sop_instance_uid"], r["frame"], r["codebook_version"])
-                           for r in rows)
-        self._codes_version = version
-
     def codebook(self) -> Codebook | None:
-        """The current codebook (re-read when ``dicom.codebooks`` changes)."""
+        """The current codebook (re-read when ``dicom.codebooks`` changes); refuses one made
+        for another model than the configured backend's, as batch ``embed`` would retrain."""
         from deltalake import DeltaTable
 
-        from dicomlake.udfs import pq
+        from dicomlake.udfs import features
 
-        path = str(self.path(pq.CODEBOOKS))
+        path = str(tables.CODEBOOKS.path(self.warehouse))
         version = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else -1
         if version != self._book_version:
-            self._book = pq.latest(path)
-            self._book_version = version
-            if self._book is not None:
-                self._catch_up(self._book)
+            book = features.current_codebook(self.warehouse)
+            if book is not None:
+                features.require_fitting(book, self.model.info)
+            self._book, self._book_version = book, version
+            if book is not None:
+                self._catch_up(book)
         return self._book
 
     # -- one record -------------------------------------------------------------------
     def _source(self, rec: Record) -> str:
         return f"kafka://{self.stream.topic}/{rec.partition}/{rec.offset}"
 
-    def _error_row(self, rec: Record, kind: str, message: str, upload: Any = None,
-                   ) -> dict[str, Any]:
+    def _origin(self, rec: Record, upload: messages.Upload | None) -> Origin:
+        return Origin(self._source(rec), upload.sha256 if upload else "", 1)
+
+    @staticmethod
+    def _found(upload: messages.Upload | None, path: str, size: int, sent_ms: int) -> Found:
+        return Found(path=path, member=upload.name if upload else None, file_size=size,
+                     modified=dt.datetime.fromtimestamp(sent_ms / 1000, dt.UTC)
+                     if sent_ms else None)
+
+    def _reject(self, rec: Record, upload: messages.Upload | None, kind: str, message: str,
+                out: _Batch, dead: list[tuple[Record, str, str]]) -> None:
         src = self._source(rec)
-        return {"path": src, "source": src,
-                "source_fingerprint": upload.sha256 if upload else "",
-                "source_members": 1, "archive": None,
-                "member": upload.name if upload else None,
-                "file_size": upload.size if upload else len(rec.value or b""),
-                "compressed_size": None, "crc32": None,
-                "modified": dt.datetime.fromtimestamp(rec.timestamp_ms / 1000, dt.UTC)
-                if rec.timestamp_ms else None,
-                "error_kind": kind, "error": f"{src}: {message}", "ingested_at": _now()}
+        found = self._found(upload, src, upload.size if upload else len(rec.value or b""),
+                            rec.timestamp_ms)
+        out.add(ERRORS, rec, error_row(self._origin(rec, upload), found, kind=kind,
+                                       message=f"{src}: {message}"))
+        dead.append((rec, kind, message))
 
-    def _payload(self, rec: Record, upload: messages.Upload) -> tuple[bytes, Path]:
-        """The image bytes and where they are stored in the lake."""
-        store = self.warehouse / "_uploads"
-        target = store / upload.sha256[:2] / f"{upload.sha256}.dcm"
-        if upload.ref is not None:
-            ref = Path(upload.ref).resolve()
-            if not ref.is_relative_to(store.resolve()):
-                raise BadMessageError(BAD_MESSAGE, f"{upload.name}: reference {upload.ref} is "
-                                                   f"outside the lake's upload folder {store}")
-            try:
-                data = ref.read_bytes()
-            except OSError as exc:
-                raise BadMessageError(ErrorKind.UNREADABLE.value,
-                                      f"{upload.name}: referenced file {ref} cannot be read "
-                                      f"({exc.strerror})") from None
-        else:
-            data = rec.value or b""
-        if len(data) != upload.size:
-            raise BadMessageError(ErrorKind.TRUNCATED.value,
-                                  f"{upload.name}: {len(data)} bytes arrived, {upload.size} "
-                                  "declared")
-        if messages.sha256_of(data) != upload.sha256:
-            raise BadMessageError(BAD_MESSAGE, f"{upload.name}: content does not match its "
-                                               f"{messages.H_SHA} header (corrupted in transit)")
-        return data, target
-
-    def _instance_row(self, rec: Record, upload: messages.Upload, data: bytes, target: Path,
-                      ) -> dict[str, Any]:
-        from dicomlake.catalog.columns import promoted_values
+    def _accept(self, rec: Record, out: _Batch, dead: list[tuple[Record, str, str]],
+                ) -> _Accepted | None:
         from dicomlake.catalog.preflight import SNIFF_BYTES, parse_instance
-
-        # The batch source's own pre-check: content decides, never the upload's name.
-        header = parse_instance(io.BytesIO(data), uri=str(target), size=len(data),
-                                head=data[:SNIFF_BYTES])
-        row: dict[str, Any] = {
-            "path": str(target), "source": self._source(rec),
-            "source_fingerprint": upload.sha256, "source_members": 1, "archive": None,
-            "member": upload.name, "file_size": len(data), "compressed_size": None,
-            "crc32": None,
-            "modified": dt.datetime.fromtimestamp(upload.sent_ms / 1000, dt.UTC)
-            if upload.sent_ms else None,
-        }
-        row.update(promoted_values(header))
-        row["ingested_at"] = _now()
-        return row
-
-    def _handle(self, rec: Record, out: _Rows, images: list[tuple[Record, str, str, int,
-                                                                   np.ndarray, bytes]],
-                dead: list[tuple[Record, str, str]]) -> None:
-        from dicomlake.udfs.embeddings import frame_inputs
-        from dicomlake.udfs.errors import PixelError
 
         upload = None
         try:
             upload = messages.decode(rec.headers, rec.value,
                                      inline_max_bytes=self.stream.inline_max_bytes,
                                      max_image_bytes=self.stream.max_image_bytes)
-            data, target = self._payload(rec, upload)
-            row = self._instance_row(rec, upload, data, target)
+            data, target = read_payload(self.warehouse, upload, rec.value)
+            # The batch source's own pre-check: content decides, never the upload's name.
+            header = parse_instance(io.BytesIO(data), uri=str(target), size=len(data),
+                                    head=data[:SNIFF_BYTES])
         except (BadMessageError, HeaderError) as exc:
             kind = exc.kind.value if isinstance(exc, HeaderError) else exc.kind
-            out.add(ERRORS, rec, self._error_row(rec, kind, str(exc), upload))
-            dead.append((rec, kind, str(exc)))
-            return
-        uid = row["sop_instance_uid"]
-        first = self._uids.get(uid) if uid else None
-        if first is not None and first != row["source"]:
-            message = (f"duplicate SOPInstanceUID {uid}; the same UID is already stored for "
-                       f"{first}")
-            out.add(ERRORS, rec, self._error_row(rec, ErrorKind.DUPLICATE.value, message,
-                                                 upload))
-            dead.append((rec, ErrorKind.DUPLICATE.value, message))
-            return
-        if uid:
-            self._uids[uid] = row["source"]
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        out.add(INSTANCES, rec, row)
-        for warning in row.get("warnings") or ():
-            out.add(WARNINGS, rec, {"path": row["path"], "source": row["source"],
-                                    "sop_instance_uid": uid, **warning,
-                                    "ingested_at": row["ingested_at"]})
-        if not uid:
-            return
-        try:
-            for i, (image, thumb) in enumerate(frame_inputs(data, str(target))):
-                images.append((rec, uid, str(target), i, image, thumb))
-        except PixelError as exc:
-            out.add(PIXEL_ERRORS, rec, self._pixel_error(uid, str(target), exc.kind.value,
-                                                         str(exc)))
-
-    def _pixel_error(self, uid: str, path: str, kind: str, message: str) -> dict[str, Any]:
-        from dicomlake.udfs import model as model_mod
-
-        return {"sop_instance_uid": uid, "path": path, "error_kind": kind, "error": message,
-                "model_id": model_mod.MODEL_ID, "model_version": model_mod.model_version(),
-                "embedded_at": _now()}
-
-    def _embed(self, images: list[tuple[Record, str, str, int, np.ndarray, bytes]],
-               out: _Rows) -> None:
-        import numpy as np
-
-        from dicomlake.udfs import model as model_mod
-
-        if not images:
-            return
-        if self._embedder is None:
-            self._embedder = model_mod.get_embedder(self.home,
-                                                    int(os.environ.get("DICOMLAKE_ONNX_THREADS",
-                                                                       "2")))
-        vectors = np.concatenate([
-            self._embedder.embed(np.stack([im[4] for im in images[i:i + 32]]))
-            for i in range(0, len(images), 32)])
-        version = model_mod.model_version()
-        book = self.codebook()
-        codes = lists = None
-        if book is not None and book.model_version == version:
-            codes, lists = book.encode(vectors)
-        for j, (rec, uid, _path, frame, _img, thumb) in enumerate(images):
-            out.add(EMBEDDINGS, rec, {
-                "sop_instance_uid": uid, "frame": frame, "embedding": vectors[j].tolist(),
-                "model_id": model_mod.MODEL_ID, "model_version": version, "thumbnail": thumb,
-                "embedded_at": _now()})
-            if codes is not None and book is not None and lists is not None:
-                out.add(CODES, rec, {"sop_instance_uid": uid, "frame": frame,
-                                     "codebook_version": book.version,
-                                     "list_id": int(lists[j]), "code": codes[j].tobytes()})
+            self._reject(rec, upload, kind, str(exc), out, dead)
+            return None
+        found = replace(self._found(upload, str(target), len(data), upload.sent_ms),
+                        header=header)
+        row = instance_row(self._origin(rec, upload), found)
+        row["ingested_at"] = _now()
+        return _Accepted(rec, data, target, row)
 
     # -- writing ----------------------------------------------------------------------
-    def _commit(self, table: str, rows: list[dict[str, Any]], ends: dict[int, int],
-                operation: str) -> int:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        from deltalake import CommitProperties, Transaction
-        from deltalake.transaction import AddAction
-
-        schema = self.schema(table)
-        actions = []
-        if rows:
-            data = pa.Table.from_pylist(rows, schema=schema)
-            name = f"part-stream-{uuid.uuid4().hex}.parquet"
-            full = self.path(table) / name
-            pq.write_table(data, full, compression="zstd")
-            st = full.stat()
-            actions.append(AddAction(name, st.st_size, {}, int(st.st_mtime * 1000), True,
-                                     json.dumps({"numRecords": len(rows)})))
-        props = CommitProperties(
-            custom_metadata={"dicomlake.operation": operation},
-            app_transactions=[Transaction(self.app_id(p), end) for p, end in sorted(ends.items())])
-        target = self._table(table)
-        target.create_write_transaction(actions, mode="append", schema=schema,
-                                        commit_properties=props)
-        target.update_incremental()
-        version = int(target.version())
-        if version % CHECKPOINT_EVERY == 0:
-            # Every reader that opens the table (Spark, image_knn's full reloads, a restarted
-            # job) replays the log from the newest checkpoint; the stream commits several
-            # times a second, so without checkpoints that replay grows without bound.
-            target.create_checkpoint()
-        return version
-
     def process(self, records: list[Record]) -> dict[int, int]:
         """Process records (any partitions, ascending offsets per partition); returns the
         next offset per partition seen. Safe to call again with the same records."""
@@ -410,37 +282,101 @@ class LakeWriter:
         if not todo:
             return complete
         self._refresh_uids()
-        out = _Rows()
-        images: list[tuple[Record, str, str, int, np.ndarray, bytes]] = []
+        out = _Batch()
         dead: list[tuple[Record, str, str]] = []
-        for rec in todo:
-            self._handle(rec, out, images, dead)
-        self._embed(images, out)
+        accepted = [a for rec in todo if (a := self._accept(rec, out, dead)) is not None]
+        accepted = self._drop_duplicates(accepted, out, dead)
+        for item in accepted:
+            store_payload(item.target, item.data)
+            out.add(INSTANCES, item.record, item.row)
+            for warning in item.row.get("warnings") or ():
+                out.add(WARNINGS, item.record, {
+                    "path": item.row["path"], "source": item.row["source"],
+                    "sop_instance_uid": item.row["sop_instance_uid"], **warning,
+                    "ingested_at": item.row["ingested_at"]})
+        self._featurize([a for a in accepted if a.row["sop_instance_uid"]], out)
         self._send_dead(dead, done[ERRORS])
+        instances = None
         for table in COMMIT_ORDER:
-            rows = [row for p, off, row in out.rows[table] if off >= done[table][p]]
-            if table == CODES and self._hbase is not None:
-                # Row keys come from the image id: a replayed code overwrites its own row.
-                self.counts[table] += self._hbase.put_codes(rows)
-                continue
             if table == CODES:
-                rows = self._new_codes(rows)
-            if not rows and table != INSTANCES:
+                self._write_codes(out, done[CODES], ends)
+                continue
+            schema = self.appender.schema(table)
+            rows = out.table(table, schema, done[table])
+            if not rows.num_rows and table != INSTANCES:
                 continue
             # A restored checkpoint can replay records older than a table already holds;
             # its transaction version must never move back, or the records after it would
             # pass the filter above a second time.
             table_ends = {p: max(end, done[table][p]) for p, end in ends.items()}
-            version = self._commit(table, rows, table_ends, "STREAM")
-            if table == CODES:
-                self._codes_committed(rows, version)
-            self.counts[table] += len(rows)
+            version = self.appender.append(table, rows, table_ends, "STREAM")
+            self.counts[table] += rows.num_rows
             if table == INSTANCES:
                 self._uids_version = version  # our own rows are already in self._uids
+                instances = rows
+        if instances is not None and instances.num_rows:
+            self._update_summaries(instances)
         self.counts["dead_letters"] += len(dead)
         if self._book is None and self.counts[EMBEDDINGS]:
             self.maybe_train()
         return complete
+
+    def _drop_duplicates(self, accepted: list[_Accepted], out: _Batch,
+                         dead: list[tuple[Record, str, str]]) -> list[_Accepted]:
+        """The shared duplicate rule; the losers become ``errors`` rows."""
+        losers = find_duplicates(self._uids, [(a.row["path"], a.row["sop_instance_uid"],
+                                               a.row["source"]) for a in accepted])
+        kept = []
+        for i, item in enumerate(accepted):
+            if i in losers:
+                found = Found(**{k: item.row.get(k) for k in (
+                    "path", "archive", "member", "member_index", "file_size",
+                    "compressed_size", "crc32", "modified")})
+                origin = Origin(item.row["source"], item.row["source_fingerprint"], 1)
+                out.add(ERRORS, item.record, error_row(origin, found,
+                                                       kind=ErrorKind.DUPLICATE,
+                                                       message=losers[i]))
+                dead.append((item.record, ErrorKind.DUPLICATE.value, losers[i]))
+                continue
+            uid = item.row["sop_instance_uid"]
+            if uid:
+                self._uids[uid] = (item.row["path"], item.row["source"])
+            kept.append(item)
+        return kept
+
+    def _featurize(self, accepted: list[_Accepted], out: _Batch) -> None:
+        """Embeddings (or pixel errors) of the configured backend, and codes when the
+        current codebook fits."""
+        from dicomlake.udfs.features import ImageInput, encode, featurize
+
+        if not accepted:
+            return
+        inputs = [ImageInput(a.row["sop_instance_uid"], str(a.target), a.data)
+                  for a in accepted]
+        book = self.codebook()
+        for feats in featurize(inputs, self.model, batch_size=32):
+            out.add_table(EMBEDDINGS, feats.embeddings,
+                          [accepted[i].record for i in feats.embedding_inputs])
+            out.add_table(PIXEL_ERRORS, feats.pixel_errors,
+                          [accepted[i].record for i in feats.error_inputs])
+            if book is not None:
+                out.add_table(CODES, encode(feats.embeddings, book),
+                              [accepted[i].record for i in feats.embedding_inputs])
+
+    def _write_codes(self, out: _Batch, done: dict[int, int], ends: dict[int, int]) -> None:
+        """Codes through the configured store, skipping keys it already holds."""
+        codes = out.table(CODES, tables.CODES.schema, done)
+        if not codes.num_rows:
+            return
+        table_ends = {self.app_id(p): max(end, done[p]) for p, end in ends.items()}
+        self.counts[CODES] += self.store.write(self.store.missing(codes), replace=False,
+                                               app_transactions=table_ends,
+                                               operation="STREAM")
+
+    def _update_summaries(self, instances: pa.Table) -> None:
+        from dicomlake.catalog.summaries import update_summaries
+
+        update_summaries(self.warehouse, instances)
 
     def _send_dead(self, dead: list[tuple[Record, str, str]], committed: dict[int, int]) -> None:
         """Dead-letter records not yet in ``dicom.errors``; confirmed before the commit."""
@@ -462,56 +398,30 @@ class LakeWriter:
             future.get(timeout=30)
 
     def _catch_up(self, book: Codebook) -> None:
-        """Encode stored embeddings that have no code of ``book`` (e.g. made before the
-        first codebook existed, or when the job died between two commits)."""
-        import numpy as np
+        """Encode stored embeddings that have no code of ``book`` (made before the first
+        codebook existed, or when the job died between two commits)."""
         import pyarrow.compute as pc
 
-        emb = self._table(EMBEDDINGS).to_pyarrow_table(
+        from dicomlake.udfs.features import encode
+
+        emb = self.appender.table(EMBEDDINGS).to_pyarrow_table(
             columns=["sop_instance_uid", "frame", "model_version", "embedding"])
         emb = emb.filter(pc.equal(emb.column("model_version"), book.model_version))
-        done = {(u, f) for u, f, v in self._code_keys() if v == book.version}
-        keys = list(zip(emb.column("sop_instance_uid").to_pylist(),
-                        emb.column("frame").to_pylist(), strict=True))
-        idx = [i for i, k in enumerate(keys) if k not in done]
-        if not idx:
-            return
-        emb = emb.take(idx)
-        flat = emb.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vectors = np.asarray(flat, np.float32).reshape(emb.num_rows, -1)
-        codes, lists = book.encode(vectors)
-        rows = [{"sop_instance_uid": u, "frame": f, "codebook_version": book.version,
-                 "list_id": int(lists[i]), "code": codes[i].tobytes()}
-                for i, (u, f) in enumerate(keys[j] for j in idx)]
-        if self._hbase is not None:
-            self._hbase.put_codes(rows)
-        else:
-            self._codes_committed(rows, self._commit(CODES, rows, {}, "STREAM-CATCH-UP"))
-        self.counts[CODES] += len(rows)
+        if emb.num_rows:
+            self.counts[CODES] += self.store.write(self.store.missing(encode(emb, book)),
+                                                   replace=False, operation="STREAM-CATCH-UP")
 
     def maybe_train(self) -> bool:
-        """Train the first codebook once ``min_train`` embeddings exist (nobody else has)."""
-        import numpy as np
-        import pyarrow.compute as pc
-
-        from dicomlake.udfs import model as model_mod
-        from dicomlake.udfs import pq
+        """Train the first codebook once ``min_train`` embeddings of the configured model
+        exist (nobody else has), with the batch path's own rule."""
+        from dicomlake.udfs import features
 
         if self.codebook() is not None:
             return False
-        version = model_mod.model_version()
-        emb = self._table(EMBEDDINGS).to_pyarrow_table(columns=["model_version", "embedding"])
-        emb = emb.filter(pc.equal(emb.column("model_version"), version))
-        if emb.num_rows < self.stream.min_train:
+        book = features.train(self.warehouse, self.similarity, self.model.info,
+                              min_rows=self.stream.min_train)
+        if book is None:
             return False
-        sample = emb.slice(0, self.similarity.train_sample)
-        flat = sample.column("embedding").combine_chunks().flatten().to_numpy(
-            zero_copy_only=False)
-        vectors = np.asarray(flat, np.float32).reshape(sample.num_rows, -1)
-        nlist = min(self.similarity.nlist, len(vectors)) if self.similarity.nlist else 0
-        book = pq.train(vectors, m=self.similarity.m, nlist=nlist, version=1,
-                        model_id=model_mod.MODEL_ID, model_version=version)
-        pq.save(self.path(pq.CODEBOOKS), book)
         self.codebook()  # loads it and encodes every stored embedding
         return True
 

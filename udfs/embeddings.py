@@ -1,69 +1,57 @@
-"""Embeddings and codes as vectorized (Arrow batch) functions run by Spark tasks.
+"""The feature pipeline inside Spark tasks: ``mapInArrow`` wrappers of :mod:`.features`.
 
-``embed_batches`` is used with ``mapInArrow``: every Python worker loads the backend's model
-once (:func:`dicomlake.udfs.model.embedder_for`: ONNX Runtime, or TensorFlow for VGG-16),
-decodes the images of a batch, and runs the model on ``batch_size`` frames at a time. A
-multi-frame instance yields one row per frame (``frame`` column). Images that cannot be
-decoded become rows for ``dicom.pixel_errors`` instead of failing the job.
-``encode_batches`` turns embeddings into PQ codes the same way.
+Spark's ``mapInArrow`` runs a function over a task's Arrow batches; these wrappers feed those
+batches to the Spark-free pipeline and hand its rows back with a routing column, so one job
+writes ``dicom.embeddings`` and ``dicom.pixel_errors`` together. Nothing here decides how an
+image is embedded or encoded: the stream and the SQL functions call the same code.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 from collections.abc import Callable, Iterator
+from functools import cache
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from dicomlake.catalog import tables
 from dicomlake.catalog.columns import TABLE_COLUMN
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from pyspark.sql.types import StructType
 
     from dicomlake.udfs.pq import Codebook
 
-EMBEDDINGS, PIXEL_ERRORS = "embeddings", "pixel_errors"
-EMBEDDING_COLUMNS = ("sop_instance_uid", "frame", "embedding", "model_id", "model_version",
-                     "thumbnail", "embedded_at")
-PIXEL_ERROR_COLUMNS = ("sop_instance_uid", "path", "error_kind", "error", "model_id",
-                       "model_version", "embedded_at")
-EMBED_DDL = ("sop_instance_uid string, frame int, embedding array<float>, model_id string, "
-             "model_version string, thumbnail binary, embedded_at timestamp, path string, "
-             f"error_kind string, error string, {TABLE_COLUMN} string")
 
-ONNX_THREADS_ENV = "DICOMLAKE_ONNX_THREADS"
-"""Threads per model in a Spark task (default 1: one task per core). The name predates the
-TensorFlow backend, which reads it too (as its intra-op thread count)."""
+@cache
+def _embed_output() -> pa.Schema:
+    """Embedding rows, plus the pixel error columns, plus the routing column."""
+    import pyarrow as pa
+
+    embeddings = tables.EMBEDDINGS.schema
+    extra = [f for f in tables.PIXEL_ERRORS.schema if f.name not in embeddings.names]
+    return pa.schema([*embeddings, *extra, (TABLE_COLUMN, pa.string())])
 
 
-def _thumbnail(image: np.ndarray, size: int = 128) -> bytes:
-    import io
+def embed_output_schema() -> StructType:
+    """What :func:`embed_batches` yields, as Spark declares it."""
+    from pyspark.sql.pandas.types import from_arrow_schema
 
-    from PIL import Image
-
-    img = Image.fromarray(image)
-    img.thumbnail((size, size), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return from_arrow_schema(_embed_output())
 
 
-def frame_inputs(data: bytes, path: str) -> list[tuple[np.ndarray, bytes]]:
-    """(model input, PNG thumbnail) per frame of one instance; raises :class:`PixelError`.
+@cache
+def _encode_output() -> pa.Schema:
+    import pyarrow as pa
 
-    The batch UDF and the streaming job both call this, so an uploaded image is embedded
-    exactly like an ingested one.
-    """
-    from dicomlake.udfs.pixels import load_frames, resize, to_uint8
+    return tables.CODES.schema.append(pa.field("thumbnail", pa.binary()))
 
-    frames = load_frames(data, path)
-    out = []
-    for raw in frames.data:
-        img = to_uint8(raw, frames)
-        out.append((resize(img), _thumbnail(img)))
-    return out
+
+def codes_schema() -> StructType:
+    """What :func:`encode_batches` yields: ``dicom.codes`` rows plus the thumbnail, which
+    only code stores that keep images (HBase's ``MD`` family) write."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(_encode_output())
 
 
 def embed_batches(home: str, batch_size: int = 32, backend: str = "onnx"
@@ -77,85 +65,46 @@ def embed_batches(home: str, batch_size: int = 32, backend: str = "onnx"
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
 
-        from dicomlake.udfs import model as model_mod
-        from dicomlake.udfs.errors import PixelError
-        from dicomlake.udfs.pixels import read_bytes
+        from dicomlake.udfs.features import FeatureModel, ImageInput, featurize
 
-        threads = int(os.environ.get(ONNX_THREADS_ENV, "1"))
-        info = model_mod.model_info(backend)
-        embedder = model_mod.embedder_for(home, backend, threads)
-        schema = pa.schema([
-            ("sop_instance_uid", pa.string()), ("frame", pa.int32()),
-            ("embedding", pa.list_(pa.float32())), ("model_id", pa.string()),
-            ("model_version", pa.string()), ("thumbnail", pa.binary()),
-            ("embedded_at", pa.timestamp("us", tz="UTC")), ("path", pa.string()),
-            ("error_kind", pa.string()), ("error", pa.string()), (TABLE_COLUMN, pa.string()),
-        ])
-        pending: list[tuple[str, int, str, np.ndarray, bytes]] = []
-        errors: list[tuple[str, str, str, str]] = []
+        model = FeatureModel(home, backend)
+        schema = _embed_output()
 
-        def flush() -> pa.RecordBatch:
-            now = dt.datetime.now(dt.UTC)
-            n_ok, n_err = len(pending), len(errors)
-            vectors = (embedder.embed(np.stack([p[3] for p in pending])) if pending
-                       else np.zeros((0, info.dim), np.float32))
-            cols: dict[str, list[object]] = {
-                "sop_instance_uid": [p[0] for p in pending] + [e[0] for e in errors],
-                "frame": [p[1] for p in pending] + [None] * n_err,
-                "embedding": [v for v in vectors] + [None] * n_err,
-                "model_id": [info.model_id] * (n_ok + n_err),
-                "model_version": [info.version] * (n_ok + n_err),
-                "thumbnail": [p[4] for p in pending] + [None] * n_err,
-                "embedded_at": [now] * (n_ok + n_err),
-                "path": [p[2] for p in pending] + [e[1] for e in errors],
-                "error_kind": [None] * n_ok + [e[2] for e in errors],
-                "error": [None] * n_ok + [e[3] for e in errors],
-                TABLE_COLUMN: [EMBEDDINGS] * n_ok + [PIXEL_ERRORS] * n_err,
-            }
-            pending.clear()
-            errors.clear()
-            return pa.RecordBatch.from_pydict(cols, schema=schema)
+        def inputs() -> Iterator[ImageInput]:
+            for batch in batches:
+                for uid, path in zip(batch.column("sop_instance_uid").to_pylist(),
+                                     batch.column("path").to_pylist(), strict=True):
+                    yield ImageInput(uid, path)
 
-        for batch in batches:
-            uids = batch.column("sop_instance_uid").to_pylist()
-            paths = batch.column("path").to_pylist()
-            for uid, path in zip(uids, paths, strict=True):
-                try:
-                    for i, (image, thumb) in enumerate(frame_inputs(read_bytes(path), path)):
-                        pending.append((uid, i, path, image, thumb))
-                except PixelError as exc:
-                    errors.append((uid, path, exc.kind.value, str(exc)))
-                if len(pending) >= batch_size:
-                    yield flush()
-        if pending or errors:
-            yield flush()
+        for out in featurize(inputs(), model, batch_size=batch_size):
+            for table, rows in ((tables.EMBEDDINGS.name, out.embeddings),
+                                (tables.PIXEL_ERRORS.name, out.pixel_errors)):
+                if rows.num_rows == 0:
+                    continue
+                rows = rows.append_column(TABLE_COLUMN,
+                                          pa.array([table] * rows.num_rows, pa.string()))
+                missing = [f for f in schema if f.name not in rows.column_names]
+                for f in missing:
+                    rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+                yield from rows.select(schema.names).cast(schema).to_batches()
 
     return run
 
 
 def encode_batches(book: Codebook
                    ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    """A ``mapInArrow`` function: embedding rows -> PQ code rows of codebook ``book``."""
+    """A ``mapInArrow`` function: embedding rows -> ``dicom.codes`` rows of ``book``."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
 
+        from dicomlake.udfs.features import encode
+
         for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            emb = batch.column("embedding")
-            flat = emb.flatten().to_numpy(zero_copy_only=False)
-            vectors = flat.reshape(batch.num_rows, -1) if len(flat) else np.zeros(
-                (batch.num_rows, 0), np.float32)
-            codes, lists = book.encode(vectors)
-            yield pa.RecordBatch.from_pydict({
-                "sop_instance_uid": batch.column("sop_instance_uid"),
-                "frame": batch.column("frame"),
-                "codebook_version": pa.array([book.version] * batch.num_rows, pa.int32()),
-                "list_id": pa.array(lists, pa.int32()),
-                "code": pa.array([c.tobytes() for c in codes], pa.binary()),
-                "thumbnail": (batch.column("thumbnail") if "thumbnail" in batch.schema.names
-                              else pa.nulls(batch.num_rows, pa.binary())),
-            })
+            if batch.num_rows:
+                thumbs = (batch.column("thumbnail") if "thumbnail" in batch.schema.names
+                          else pa.nulls(batch.num_rows, pa.binary()))
+                codes = encode(batch, book).append_column("thumbnail", thumbs)
+                yield from codes.cast(_encode_output()).to_batches()
 
     return run

@@ -166,6 +166,32 @@ def resize(image: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
     return out
 
 
+def _png(image: np.ndarray, size: int) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    img.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def frame_inputs(data: bytes, path: str, *, thumbnail_size: int = 128,
+                 ) -> list[tuple[np.ndarray, bytes]]:
+    """(model input, PNG thumbnail) per frame of one instance; raises :class:`PixelError`.
+
+    The one way from an instance's bytes to what the model sees: batch tasks, the stream,
+    SQL functions and ``image_knn`` queries all call it, so an image is embedded the same way
+    whichever path it took.
+    """
+    frames = load_frames(data, path)
+    out = []
+    for raw in frames.data:
+        img = to_uint8(raw, frames)
+        out.append((resize(img), _png(img, thumbnail_size)))
+    return out
+
+
 def model_inputs(path: str, data: bytes | None = None,
                  window: tuple[float, float] | None = None) -> np.ndarray:
     """All frames of an instance ready for the model: (frames, 224, 224, 3) uint8."""
@@ -175,14 +201,8 @@ def model_inputs(path: str, data: bytes | None = None,
 
 def thumbnail_png(path: str, *, size: int = 128, frame: int = 0) -> bytes:
     """A PNG thumbnail (longest side ``size``) of one frame, windowed as for the model."""
-    from PIL import Image
-
     frames = load_frames(read_bytes(path), path)
     if not 0 <= frame < frames.count:
         raise PixelError(PixelErrorKind.NO_PIXELS,
                          f"{path}: frame {frame} does not exist (the image has {frames.count})")
-    img = Image.fromarray(to_uint8(frames.data[frame], frames))
-    img.thumbnail((size, size), Image.Resampling.BILINEAR)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return _png(to_uint8(frames.data[frame], frames), size)

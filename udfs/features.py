@@ -1,0 +1,253 @@
+"""The feature pipeline after the header, free of Spark and Flink: frames -> vectors -> codes.
+
+Batch tasks (:mod:`dicomlake.udfs.embeddings` wraps these for ``mapInArrow``), the stream's
+writer, the SQL functions and ``image_knn`` queries all call this module, so each rule lives
+here once:
+
+* which model embeds: the configured backend (:class:`FeatureModel`), whose id and version go
+  with every vector and every pixel error;
+* what an image that cannot be decoded becomes: a ``dicom.pixel_errors`` row, never a failure;
+* how PQ trains: on the ``train_sample`` embeddings of the current model with the smallest
+  hash of (uid, frame), a sample that does not depend on arrival order or on which path
+  (batch or stream) trains;
+* when a codebook fits the configured model (:func:`require_fitting`): vectors of another
+  model are never encoded with it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dicomlake.catalog import tables
+from dicomlake.udfs import model as model_mod
+from dicomlake.udfs.errors import CodebookError, PixelError
+from dicomlake.udfs.pixels import frame_inputs, read_bytes
+from dicomlake.udfs.settings import ModelBackend
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from dicomlake.udfs.pq import Codebook
+    from dicomlake.udfs.settings import SimilaritySettings
+
+THREADS_ENV = "DICOMLAKE_ONNX_THREADS"
+"""Threads per model in one process (default 1: one Spark task per core). The name predates
+the TensorFlow backend, which reads it too (as its intra-op thread count)."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class FeatureModel:
+    """The configured backend's model; its weights load on the first ``embed`` (once per
+    process), so building one to read ``info`` costs nothing."""
+
+    def __init__(self, home: str | os.PathLike[str], backend: ModelBackend | str,
+                 threads: int | None = None) -> None:
+        self.home = str(home)
+        self.backend = ModelBackend(backend)
+        self.info = model_mod.model_info(self.backend)
+        self.threads = threads or int(os.environ.get(THREADS_ENV, "1"))
+        self._embedder: model_mod.ImageEmbedder | None = None
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """(n, 224, 224, 3) uint8 -> (n, dim) float32."""
+        if len(images) == 0:
+            return np.zeros((0, self.info.dim), np.float32)
+        if self._embedder is None:
+            self._embedder = model_mod.embedder_for(self.home, self.backend, self.threads)
+        return self._embedder.embed(images)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One instance to embed; ``data`` None means: read it by ``path``."""
+
+    uid: str
+    path: str
+    data: bytes | None = None
+
+
+@dataclass
+class Features:
+    """Rows for ``dicom.embeddings`` and ``dicom.pixel_errors`` (registry schemas), and for
+    each row the index of the :class:`ImageInput` it came from (callers that must tag rows
+    with their origin, such as the stream with its Kafka offsets, use it)."""
+
+    embeddings: pa.Table
+    pixel_errors: pa.Table
+    embedding_inputs: list[int] = field(default_factory=list)
+    error_inputs: list[int] = field(default_factory=list)
+
+
+def _rows(model: FeatureModel, frames: list[tuple[int, ImageInput, int, np.ndarray, bytes]],
+          errors: list[tuple[int, ImageInput, PixelError]]) -> Features:
+    import pyarrow as pa
+
+    now, info = _now(), model.info
+    vectors = model.embed(np.stack([f[3] for f in frames]) if frames
+                          else np.zeros((0, 224, 224, 3), np.uint8))
+    n = len(frames)
+    embeddings = pa.Table.from_pydict({
+        "sop_instance_uid": [f[1].uid for f in frames],
+        "frame": pa.array([f[2] for f in frames], pa.int32()),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.reshape(-1), pa.float32()), info.dim).cast(
+                pa.list_(pa.float32())) if n else pa.array([], pa.list_(pa.float32())),
+        "model_id": [info.model_id] * n, "model_version": [info.version] * n,
+        "thumbnail": pa.array([f[4] for f in frames], pa.binary()),
+        "embedded_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+    }, schema=tables.EMBEDDINGS.schema)
+    m = len(errors)
+    pixel_errors = pa.Table.from_pydict({
+        "sop_instance_uid": [e[1].uid for e in errors], "path": [e[1].path for e in errors],
+        "error_kind": [e[2].kind.value for e in errors], "error": [str(e[2]) for e in errors],
+        "model_id": [info.model_id] * m, "model_version": [info.version] * m,
+        "embedded_at": pa.array([now] * m, pa.timestamp("us", tz="UTC")),
+    }, schema=tables.PIXEL_ERRORS.schema)
+    return Features(embeddings, pixel_errors, [f[0] for f in frames], [e[0] for e in errors])
+
+
+def featurize(inputs: Iterable[ImageInput], model: FeatureModel, *, batch_size: int = 32,
+              ) -> Iterator[Features]:
+    """Embed every frame of every input, ``batch_size`` frames per model call.
+
+    A multi-frame instance gives one embedding row per frame; an instance whose pixels cannot
+    be read or decoded gives one pixel error row. Yields whenever a batch is full, and once
+    at the end when anything is left.
+    """
+    frames: list[tuple[int, ImageInput, int, np.ndarray, bytes]] = []
+    errors: list[tuple[int, ImageInput, PixelError]] = []
+    for index, item in enumerate(inputs):
+        try:
+            data = read_bytes(item.path) if item.data is None else item.data
+            for i, (image, thumb) in enumerate(frame_inputs(data, item.path)):
+                frames.append((index, item, i, image, thumb))
+        except PixelError as exc:
+            errors.append((index, item, exc))
+        if len(frames) >= batch_size:
+            yield _rows(model, frames, errors)
+            frames, errors = [], []
+    if frames or errors:
+        yield _rows(model, frames, errors)
+
+
+def vectors_of(embeddings: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The ``embedding`` column as an (n, dim) float32 matrix (the one conversion)."""
+    column = embeddings.column("embedding")
+    if hasattr(column, "combine_chunks"):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    n = embeddings.num_rows
+    return (np.asarray(flat, np.float32).reshape(n, -1) if len(flat)
+            else np.zeros((n, 0), np.float32))
+
+
+def encode(embeddings: pa.Table | pa.RecordBatch, book: Codebook) -> pa.Table:
+    """``dicom.codes`` rows for embedding rows (``sop_instance_uid``, ``frame``,
+    ``embedding``) under codebook ``book``."""
+    import pyarrow as pa
+
+    n = embeddings.num_rows
+    if n == 0:
+        return tables.CODES.schema.empty_table()
+    codes, lists = book.encode(vectors_of(embeddings))
+    return pa.Table.from_pydict({
+        "sop_instance_uid": embeddings.column("sop_instance_uid"),
+        "frame": embeddings.column("frame"),
+        "codebook_version": pa.array([book.version] * n, pa.int32()),
+        "list_id": pa.array(lists, pa.int32()),
+        "code": pa.array([c.tobytes() for c in codes], pa.binary()),
+    }, schema=tables.CODES.schema)
+
+
+def fits(book: Codebook, info: model_mod.ModelInfo) -> bool:
+    """Whether ``book`` was trained on vectors of the model ``info`` describes."""
+    return book.model_id == info.model_id and book.model_version == info.version
+
+
+def require_fitting(book: Codebook, info: model_mod.ModelInfo) -> None:
+    """Refuse to encode vectors of one model with a codebook of another (their codes would
+    be silently meaningless): both paths stop here and say what to run."""
+    if not fits(book, info):
+        raise CodebookError(
+            f"the current PQ codebook (v{book.version}) was trained on {book.model_id} "
+            f"{book.model_version}, but the configured backend {info.backend.value} makes "
+            f"{info.model_id} {info.version}; run `dicomlake embed`, which re-embeds every "
+            "image with the configured backend and trains a fitting codebook")
+
+
+def sample_rank(uids: list[str], frames: list[int]) -> np.ndarray:
+    """A per-row rank that depends only on (uid, frame): the training sample is the rows of
+    lowest rank, whatever order they arrived in and whichever path trains."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{u}\x00{f}".encode(),
+                                                    digest_size=8).digest(), "big")
+                     for u, f in zip(uids, frames, strict=True)], np.uint64)
+
+
+def training_vectors(warehouse: str | os.PathLike[str], info: model_mod.ModelInfo,
+                     sample: int) -> np.ndarray:
+    """The training sample of the current model's stored embeddings (see the module doc).
+
+    Reads keys first and the vectors of the sampled rows only, so training on a large lake
+    does not hold every embedding in memory.
+    """
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    path = tables.EMBEDDINGS.path(warehouse)
+    if not DeltaTable.is_deltatable(str(path)):
+        return np.zeros((0, info.dim), np.float32)
+    data = DeltaTable(str(path)).to_pyarrow_dataset()
+    mine = ds.field("model_version") == info.version
+    keys = data.to_table(columns=["sop_instance_uid", "frame"], filter=mine)
+    if keys.num_rows == 0:
+        return np.zeros((0, info.dim), np.float32)
+    rank = sample_rank(keys.column("sop_instance_uid").to_pylist(),
+                       keys.column("frame").to_pylist())
+    chosen = np.argsort(rank, kind="stable")[:sample]
+    uids = keys.column("sop_instance_uid").take(chosen).unique()
+    rows = data.to_table(columns=["sop_instance_uid", "frame", "embedding"],
+                         filter=mine & ds.field("sop_instance_uid").isin(uids))
+    order = {(keys.column("sop_instance_uid")[int(i)].as_py(),
+              keys.column("frame")[int(i)].as_py()): pos for pos, i in enumerate(chosen)}
+    found = [(order[k], i) for i, k in enumerate(zip(rows.column("sop_instance_uid").to_pylist(),
+                                                     rows.column("frame").to_pylist(),
+                                                     strict=True)) if k in order]
+    rows = rows.take([i for _, i in sorted(found)])  # in rank order: k-means sees one order
+    return vectors_of(rows)
+
+
+def train(warehouse: str | os.PathLike[str], similarity: SimilaritySettings,
+          info: model_mod.ModelInfo, *, min_rows: int = 1) -> Codebook | None:
+    """Train and store the next codebook version on the training sample; None when fewer
+    than ``min_rows`` embeddings of the current model exist."""
+    from dicomlake.udfs import pq
+
+    vectors = training_vectors(warehouse, info, similarity.train_sample)
+    if len(vectors) < max(min_rows, 1):
+        return None
+    books = tables.CODEBOOKS.path(warehouse)
+    previous = pq.latest(books)
+    nlist = min(similarity.nlist, len(vectors)) if similarity.nlist else 0
+    book = pq.train(vectors, m=similarity.m, nlist=nlist,
+                    version=(previous.version + 1) if previous else 1,
+                    model_id=info.model_id, model_version=info.version)
+    pq.save(books, book)
+    return book
+
+
+def current_codebook(warehouse: str | os.PathLike[str]) -> Codebook | None:
+    """The newest codebook version of the lake, or None."""
+    from dicomlake.udfs import pq
+
+    return pq.latest(Path(tables.CODEBOOKS.path(warehouse)))
