@@ -5,12 +5,12 @@ and a store that is down."""
 from __future__ import annotations
 
 import pytest
+from _bigtable import BigtableEmulator, emulator_binary
 from _knn_helpers import a_ct, augment, is_source
 
 from dicomlake.catalog.ingest import ingest
 from dicomlake.catalog.warehouse import Warehouse
 from dicomlake.udfs import register_functions
-from dicomlake.udfs.emulator import BigtableEmulator, emulator_binary
 from dicomlake.udfs.errors import CodeStoreError
 from dicomlake.udfs.hbase import REGIONS, HBaseCodeStore, image_id, row_key
 from dicomlake.udfs.pipeline import embed
@@ -80,7 +80,7 @@ def test_augmented_image_finds_its_source_through_hbase(spark, hbase_lake, tmp_p
 
 
 def test_store_down_is_a_clear_error_and_nothing_is_written(spark, settings, hbase_lake):
-    from dicomlake.udfs.emulator import _free_port
+    from _bigtable import free_port as _free_port
 
     down = SimilaritySettings(m=32).with_store("hbase", emulator=f"127.0.0.1:{_free_port()}")
     before = sorted(Warehouse(settings.warehouse_path).tables())
@@ -94,7 +94,7 @@ def test_store_down_is_a_clear_error_and_nothing_is_written(spark, settings, hba
 
 
 def test_image_knn_with_store_down(spark, settings, hbase_lake):
-    from dicomlake.udfs.emulator import _free_port
+    from _bigtable import free_port as _free_port
 
     down = SimilaritySettings(m=32).with_store("hbase", emulator=f"127.0.0.1:{_free_port()}")
     register_functions(spark, settings, down)

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from _bigtable import BigtableEmulator, emulator_binary
 from deltalake import DeltaTable
 
 from dicomlake.catalog.sample import Profile, make_sample
 from dicomlake.config import Settings
-from dicomlake.udfs.emulator import BigtableEmulator, emulator_binary
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,6 +1,8 @@
 """Start and stop Google's Bigtable emulator: a real wide-column server with the HBase data
-model, reached through ``google-cloud-happybase``. Used by the tests and the benchmarks; a
-user points ``[similarity.hbase]`` at a real HBase or Bigtable instead.
+model, reached through ``google-cloud-happybase``, for the HBase code-store tests.
+
+It lives with the tests, not in the package: a user points ``[similarity.hbase]`` at a real
+HBase or Bigtable, and the emulator binary only exists on machines with the Debian package.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def emulator_binary() -> Path | None:
     return Path(found) if found else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (also used to name an address where nothing listens)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -46,7 +49,7 @@ class BigtableEmulator:
             raise FileNotFoundError(
                 "Bigtable emulator not found (cbtemulator, Debian package "
                 "google-cloud-cli-bigtable-emulator); install it or use a real HBase")
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         self.process = subprocess.Popen([str(binary), "-host", "127.0.0.1", "-port",
                                          str(self.port)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
