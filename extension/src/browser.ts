@@ -1,11 +1,75 @@
 import { Widget } from '@lumino/widgets';
 
 import { cellText, copyText, errorMessage, h } from './dom';
-import { IBrowseResult, IDicomlakeClient, IFilters, IUploadJob } from './tokens';
+import {
+  IBrowseRecord,
+  IBrowseResult,
+  IDicomlakeClient,
+  IFilters,
+  IUploadJob,
+  IUploadSummary
+} from './tokens';
 
 const STUDY_PAGE = 25;
 const INSTANCE_PAGE = 48;
 const NEIGHBOURS = 12;
+
+/* Rows of the browse actions: the columns the browser reads of what the server's SQL
+   selects (extension/browse_sql.py). */
+
+/** A filter choice (`facets_sql`). */
+interface IFacetRecord {
+  value: string;
+  series: number;
+}
+
+/** A study (`studies_sql`). */
+interface IStudyRecord {
+  study_instance_uid: string;
+  study_date: string | null;
+  patient_name: string | null;
+  patient_id: string | null;
+  study_description: string | null;
+  modalities: string[] | null;
+  series: number;
+  instances: number;
+}
+
+/** A series with its first image's thumbnail (`series_sql`). */
+interface ISeriesRecord {
+  series_instance_uid: string;
+  series_number: number | null;
+  series_description: string | null;
+  modality: string | null;
+  body_part_examined: string | null;
+  instances: number;
+  thumbnail: string | null;
+}
+
+/** An instance of a series page (`instances_sql`). */
+interface IInstanceRecord {
+  sop_instance_uid: string;
+  instance_number: number | null;
+  rows: number | null;
+  columns: number | null;
+  thumbnail: string | null;
+}
+
+/** Every column of one instance (`instance_sql`: `i.*`); only these two are used by name. */
+interface IInstanceDetail extends IBrowseRecord {
+  thumbnail: string | null;
+  meta?: string | null;
+}
+
+/** A neighbour found by `image_knn` (`similar_sql`). */
+interface INeighbourRecord {
+  rank: number;
+  distance: number;
+  sop_instance_uid: string;
+  modality: string | null;
+  body_part_examined: string | null;
+  thumbnail: string | null;
+}
 
 /** A thumbnail `<img>` from a base64 PNG column (or a placeholder when it is NULL). */
 function thumbnail(base64: string | null, alt: string): HTMLElement {
@@ -92,8 +156,8 @@ export class DatasetBrowser extends Widget {
     }
     this._started = true;
     const [modalities, bodyParts] = await Promise.all([
-      this._run('filter choices: modality', 'modalities', {}),
-      this._run('filter choices: body part', 'body-parts', {})
+      this._run<IFacetRecord>('filter choices: modality', 'modalities', {}),
+      this._run<IFacetRecord>('filter choices: body part', 'body-parts', {})
     ]);
     if (modalities) {
       this._setOptions(this._modality, 'any modality', modalities.records.map(r => r.value));
@@ -107,18 +171,28 @@ export class DatasetBrowser extends Widget {
   /** The filters as the server expects them. */
   get filters(): IFilters {
     const filters: IFilters = {};
-    if (this._modality.value) filters.modality = this._modality.value;
-    if (this._bodyPart.value) filters.bodyPart = this._bodyPart.value;
-    if (this._dateFrom.value) filters.dateFrom = this._dateFrom.value;
-    if (this._dateTo.value) filters.dateTo = this._dateTo.value;
-    if (this._text.value.trim()) filters.text = this._text.value.trim();
+    if (this._modality.value) {
+      filters.modality = this._modality.value;
+    }
+    if (this._bodyPart.value) {
+      filters.bodyPart = this._bodyPart.value;
+    }
+    if (this._dateFrom.value) {
+      filters.dateFrom = this._dateFrom.value;
+    }
+    if (this._dateTo.value) {
+      filters.dateTo = this._dateTo.value;
+    }
+    if (this._text.value.trim()) {
+      filters.text = this._text.value.trim();
+    }
     return filters;
   }
 
   /** Studies matching the filters (first page). */
   async search(offset = 0): Promise<void> {
     this._studyOffset = offset;
-    const result = await this._run('studies', 'studies', { filters: this.filters, offset, limit: STUDY_PAGE });
+    const result = await this._run<IStudyRecord>('studies', 'studies', { filters: this.filters, offset, limit: STUDY_PAGE });
     this._series.replaceChildren();
     this._instances.replaceChildren();
     if (!result) {
@@ -157,7 +231,7 @@ export class DatasetBrowser extends Widget {
 
   /** The series of a study, as thumbnail cards. */
   async openStudy(studyUid: string): Promise<void> {
-    const result = await this._run('series of a study', 'series', { study: studyUid, filters: this.filters });
+    const result = await this._run<ISeriesRecord>('series of a study', 'series', { study: studyUid, filters: this.filters });
     this._instances.replaceChildren();
     if (!result) {
       return;
@@ -180,7 +254,7 @@ export class DatasetBrowser extends Widget {
 
   /** The instances of a series, as thumbnails. */
   async openSeries(seriesUid: string, offset = 0): Promise<void> {
-    const result = await this._run('images of a series', 'instances', { series: seriesUid, offset, limit: INSTANCE_PAGE });
+    const result = await this._run<IInstanceRecord>('images of a series', 'instances', { series: seriesUid, offset, limit: INSTANCE_PAGE });
     if (!result) {
       return;
     }
@@ -207,7 +281,7 @@ export class DatasetBrowser extends Widget {
 
   /** The detail view of one image: larger thumbnail, columns, header tags, find similar. */
   async openInstance(sopUid: string): Promise<void> {
-    const result = await this._run('image details', 'instance', { sop: sopUid });
+    const result = await this._run<IInstanceDetail>('image details', 'instance', { sop: sopUid });
     this._similar.replaceChildren();
     if (!result || result.records.length === 0) {
       this._detail.replaceChildren(h('p', { text: `No instance ${sopUid}.` }));
@@ -240,7 +314,7 @@ export class DatasetBrowser extends Widget {
   /** Neighbours of an image by `image_knn`, nearest first, as a thumbnail grid. */
   async findSimilar(sopUid: string): Promise<void> {
     this._similar.replaceChildren(h('p', { text: 'searching…' }));
-    const result = await this._run('find similar (image_knn)', 'similar', { sop: sopUid, k: NEIGHBOURS });
+    const result = await this._run<INeighbourRecord>('find similar (image_knn)', 'similar', { sop: sopUid, k: NEIGHBOURS });
     if (!result) {
       this._similar.replaceChildren();
       return;
@@ -285,7 +359,7 @@ export class DatasetBrowser extends Widget {
     if (job.check) {
       this._logStatement('upload: what arrived', job.check.sql);
     }
-    const summary = job.summary ?? {};
+    const summary: IUploadSummary = job.summary ?? {};
     const count = job.check?.records[0];
     await this.search();
     this._say(`upload ingested: ${summary.rows_written ?? 0} images written, ${summary.errors_recorded ?? 0} errors, ${summary.embedded ?? 0} embedded` +
@@ -308,11 +382,11 @@ export class DatasetBrowser extends Widget {
   }
 
   /** Run one browse action: log its SQL, show its error if it failed. */
-  private async _run(label: string, action: string, body: { [key: string]: unknown }): Promise<IBrowseResult | null> {
+  private async _run<R>(label: string, action: string, body: { [key: string]: unknown }): Promise<IBrowseResult<R> | null> {
     this._say('');
-    let result: IBrowseResult;
+    let result: IBrowseResult<R>;
     try {
-      result = await this._client.browse(action, body);
+      result = await this._client.browse<R>(action, body);
     } catch (error) {
       this._say(`${label}: ${errorMessage(error)}`, true);
       return null;

@@ -53,7 +53,7 @@ export const browserPlugin: JupyterFrontEndPlugin<IDatasetBrowserOpener> = {
     }
     return {
       open: (filters?: IFilters) => {
-        void app.commands.execute(CommandIDs.open, { filters: (filters ?? {}) as any });
+        void app.commands.execute(CommandIDs.open, { filters: { ...filters } });
       }
     };
   }

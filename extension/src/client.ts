@@ -2,6 +2,7 @@ import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application'
 
 import { requestAPI } from './handler';
 import {
+  IBrowseRecord,
   IBrowseResult,
   ICatalogLevel,
   ICompletions,
@@ -49,8 +50,11 @@ export class DicomlakeClient implements IDicomlakeClient {
     return requestAPI<IQueryPage>(`queries/${id}`, { method: 'DELETE' });
   }
 
-  browse(action: string, body: { [key: string]: unknown }): Promise<IBrowseResult> {
-    return requestAPI<IBrowseResult>(`browse/${action}`, json(body));
+  browse<R = IBrowseRecord>(
+    action: string,
+    body: { [key: string]: unknown }
+  ): Promise<IBrowseResult<R>> {
+    return requestAPI<IBrowseResult<R>>(`browse/${action}`, json(body));
   }
 
   upload(files: File[]): Promise<IUploadJob> {

@@ -20,16 +20,33 @@ export async function requestAPI<T>(
     throw new ServerConnection.NetworkError(error as TypeError);
   }
   const text = await response.text();
-  let data: any = text;
+  let data: unknown = text;
   if (text.length > 0) {
     try {
       data = JSON.parse(text);
-    } catch (error) {
+    } catch {
       console.error('dicomlake: response is not JSON', response.url, text);
     }
   }
   if (!response.ok) {
-    throw new ServerConnection.ResponseError(response, data?.message || data);
+    throw new ServerConnection.ResponseError(response, failureMessage(data));
   }
   return data as T;
+}
+
+/**
+ * The message of a failed response: the handler's `message`, else the body as text; none
+ * for an empty body, so `ResponseError` says which status came back instead of nothing.
+ */
+function failureMessage(data: unknown): string | undefined {
+  if (typeof data === 'object' && data !== null && 'message' in data) {
+    const message = data.message;
+    if (typeof message === 'string' && message) {
+      return message;
+    }
+  }
+  if (data === '') {
+    return undefined;
+  }
+  return typeof data === 'string' ? data : JSON.stringify(data);
 }

@@ -8,7 +8,7 @@ import { sidebarPlugin } from './sidebar';
 export * from './tokens';
 
 /** One plugin per feature: the client service, the SQL sidebar, the browser, the renderer. */
-const plugins: JupyterFrontEndPlugin<any>[] = [
+const plugins: JupyterFrontEndPlugin<unknown>[] = [
   clientPlugin,
   sidebarPlugin,
   browserPlugin,

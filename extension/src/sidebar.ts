@@ -449,7 +449,7 @@ export class SqlSidebar extends Panel {
   private _addHistory(item: IHistoryItem): void {
     this._items = [item, ...this._items.filter(i => i.sql !== item.sql)].slice(0, HISTORY_SIZE);
     if (this._state) {
-      void this._state.save(HISTORY_KEY, this._items as any);
+      void this._state.save(HISTORY_KEY, this._items.map(entry => ({ ...entry })));
     }
     this._renderHistory();
   }

@@ -57,11 +57,20 @@ export interface IQueryPage {
   elapsedSeconds: number;
 }
 
-/** A browser action's statement and its rows as records. */
-export interface IBrowseResult {
+/** One row of a browse action: column name to its JSON value. */
+export interface IBrowseRecord {
+  [column: string]: unknown;
+}
+
+/**
+ * A browser action's statement and its rows as records. `R` is the row shape the action's
+ * SQL selects (`extension/browse_sql.py`); without it every value is `unknown` and must be
+ * checked before use.
+ */
+export interface IBrowseResult<R = IBrowseRecord> {
   sql: string;
   columns: IColumn[];
-  records: { [column: string]: any }[];
+  records: R[];
   error: IStatementError | null;
   truncated: boolean;
 }
@@ -83,10 +92,19 @@ export interface IUploadJob {
   files: string[];
   command: string;
   output: string[];
-  summary: { [key: string]: any } | null;
+  summary: IUploadSummary | null;
   returncode: number | null;
   elapsedSeconds: number;
-  check?: IBrowseResult;
+  check?: IBrowseResult<{ instances: number; series: number }>;
+}
+
+/** The ingest's JSON summary of an upload; only the counts the browser shows are typed. */
+export interface IUploadSummary {
+  rows_written?: number;
+  errors_recorded?: number;
+  embedded?: number;
+  embed_error?: string;
+  [key: string]: unknown;
 }
 
 /** The dicomlake server extension, as the front end's plugins use it. */
@@ -97,7 +115,10 @@ export interface IDicomlakeClient {
   startQuery(sql: string): Promise<IQueryPage>;
   fetchPage(id: string, offset: number, limit: number, wait: number): Promise<IQueryPage>;
   cancelQuery(id: string): Promise<IQueryPage>;
-  browse(action: string, body: { [key: string]: unknown }): Promise<IBrowseResult>;
+  browse<R = IBrowseRecord>(
+    action: string,
+    body: { [key: string]: unknown }
+  ): Promise<IBrowseResult<R>>;
   upload(files: File[]): Promise<IUploadJob>;
   uploadStatus(id: string): Promise<IUploadJob>;
 }
