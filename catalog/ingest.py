@@ -25,7 +25,6 @@ from dicomlake.catalog.delta import (
     TABLE_COLUMN,
     TableTarget,
     WrittenFile,
-    arrow_schema_of,
     commit,
     read_columns,
     target_schema,
@@ -34,6 +33,7 @@ from dicomlake.catalog.delta import (
 from dicomlake.catalog.dicom_source import CORRUPT_RECORD, ERROR_KIND, PROVENANCE, dicom_schema
 from dicomlake.catalog.errors import ErrorKind
 from dicomlake.catalog.inputs import Source, plan_sources
+from dicomlake.catalog.summaries import SERIES, STUDIES, TouchedKeys, update_summaries
 from dicomlake.catalog.warehouse import Warehouse
 
 if TYPE_CHECKING:
@@ -41,8 +41,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 SCHEMA = "dicom"
-INSTANCES, ERRORS, WARNINGS, SERIES, STUDIES = (
-    "instances", "errors", "warnings", "series", "studies")
+INSTANCES, ERRORS, WARNINGS = "instances", "errors", "warnings"
 
 INSTANCE_COLUMNS: tuple[str, ...] = (
     *(f.name for f in dicom_schema().fields
@@ -55,29 +54,6 @@ WARNING_COLUMNS: tuple[str, ...] = (
     "path", "source", "sop_instance_uid", "tag", "keyword", "value", "reason", "ingested_at")
 """``dicom.warnings``: one row per value that did not parse. ``value`` is the raw text, which
 may identify a patient: the table is PHI like ``dicom.instances``."""
-
-SERIES_SQL = f"""
-SELECT series_instance_uid, first(study_instance_uid) AS study_instance_uid,
-       first(patient_id) AS patient_id, first(modality) AS modality,
-       first(body_part_examined) AS body_part_examined, first(series_number) AS series_number,
-       first(series_description) AS series_description, first(manufacturer) AS manufacturer,
-       min(study_date) AS study_date, count(*) AS instances, sum(file_size) AS bytes,
-       first(rows) AS rows, first(columns) AS columns
-FROM {SCHEMA}.{INSTANCES} WHERE series_instance_uid IS NOT NULL
-GROUP BY series_instance_uid
-"""
-STUDIES_SQL = f"""
-SELECT study_instance_uid, first(patient_id) AS patient_id,
-       first(patient_name) AS patient_name, min(study_date) AS study_date,
-       first(study_description) AS study_description,
-       first(accession_number) AS accession_number,
-       array_sort(collect_set(modality)) AS modalities,
-       count(DISTINCT series_instance_uid) AS series, count(*) AS instances,
-       sum(file_size) AS bytes
-FROM {SCHEMA}.{INSTANCES} WHERE study_instance_uid IS NOT NULL
-GROUP BY study_instance_uid
-"""
-
 
 @dataclass
 class IngestResult:
@@ -304,21 +280,25 @@ def _read_frame(spark: SparkSession, sources: list[Source]) -> DataFrame:
                           .otherwise(F.lit(ERRORS))))
 
 
-def refresh_summaries(spark: SparkSession, warehouse: Warehouse) -> dict[str, int]:
-    """Rebuild ``dicom.series`` and ``dicom.studies`` from ``dicom.instances`` (one commit each)."""
-    from dicomlake.catalog.delta import active_files
+def _touched_keys(table_dir: Path, files: list[str],
+                  sources: set[str] | None = None) -> TouchedKeys:
+    """Series and study UIDs of the rows of these instance files (only rows of ``sources``
+    when given): what the summaries must recompute. Reads two or three columns of the
+    batch's own files, never the whole table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    versions: dict[str, int] = {}
-    for table, sql in ((SERIES, SERIES_SQL), (STUDIES, STUDIES_SQL)):
-        path = warehouse.table_path(SCHEMA, table)
-        df = spark.sql(sql).coalesce(1)
-        written = write_files(df, [TableTarget(table, str(path), tuple(df.columns))])
-        version = commit(path, arrow_schema_of(df, df.columns), written,
-                         active_files(path), operation="SUMMARY")
-        if version is not None:
-            versions[table] = version
-        warehouse.register(spark, only=(SCHEMA, table))
-    return versions
+    columns = ["series_instance_uid", "study_instance_uid"]
+    touched = TouchedKeys()
+    for rel in files:
+        rows = pq.read_table(table_dir / rel,
+                             columns=columns if sources is None else [*columns, "source"])
+        if sources is not None:
+            rows = rows.filter(pc.is_in(rows.column("source"),
+                                        value_set=pa.array(sorted(sources), pa.string())))
+        touched |= TouchedKeys.of_rows(rows)
+    return touched
 
 
 def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
@@ -363,6 +343,8 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
         written = write_files(frame, targets)
 
     replaced = {s.path for s in to_read}
+    # before duplicates leave the new files: their series are touched too
+    touched = _touched_keys(dirs[INSTANCES], [f.path for f in written if f.table == INSTANCES])
     duplicates = _find_duplicates(warehouse, written, replaced)
     if duplicates:
         written = _split_duplicates(dirs[INSTANCES], dirs[ERRORS], written, duplicates,
@@ -372,6 +354,8 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
     # instances last: a reader that sees a row also sees its errors' and warnings' commits
     for table in (ERRORS, WARNINGS, INSTANCES):
         removes, rewritten = _replace_sources(dirs[table], replaced, schemas[table])
+        if table == INSTANCES:
+            touched |= _touched_keys(dirs[INSTANCES], removes, replaced)
         adds = [f for f in written if f.table == table] + rewritten
         version = commit(dirs[table], schemas[table], adds, removes, operation="INGEST",
                          create_empty=True)
@@ -385,8 +369,12 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
     result.files_seen = result.rows_written + result.errors_recorded
     result.unaccounted = _unaccounted(to_read, written)
 
-    if (SCHEMA, INSTANCES) in warehouse.tables():
-        result.versions.update(refresh_summaries(spark, warehouse))
+    # Only the series and studies this run touched are recomputed (the tables are built
+    # from all instances when missing, e.g. in a lake made by an older version).
+    result.versions.update(update_summaries(warehouse.root, touched))
+    for table in (SERIES, STUDIES):
+        if (SCHEMA, table) in warehouse.tables():
+            warehouse.register(spark, only=(SCHEMA, table))
     kinds = Counter(key[0] for f in written if f.table == ERRORS for key in f.keys)
     result.skipped = kinds.get(ErrorKind.SKIPPED.value, 0)
     result.error_kinds = dict(sorted(kinds.items()))
