@@ -242,40 +242,54 @@ def _add_new_columns(table: Any, schema: pa.Schema) -> None:
 
 
 def active_files(table_path: str | Path) -> list[str]:
-    """Relative paths of the table's current files ([] if the table does not exist)."""
-    from deltalake import DeltaTable
+    """Paths (as the log holds them) of the table's current files ([] if it does not exist)."""
+    from dicomlake.catalog.snapshots import FollowedTable
 
-    if not DeltaTable.is_deltatable(str(table_path)):
-        return []
-    actions = DeltaTable(str(table_path)).get_add_actions(flatten=True)
-    import pyarrow as pa
-
-    return [str(p) for p in pa.table(actions).column("path").to_pylist()]
+    table = FollowedTable(table_path).table()
+    return [] if table is None else _paths_of(table)
 
 
 def read_columns(table_path: str | Path, columns: list[str]) -> pa.Table:
-    """Selected columns of a table's active files, with the file each row came from."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Selected columns of a table's current rows, with the file each row came from
+    (``_file``, as :func:`active_files` names it).
 
-    tables = []
-    for rel in active_files(table_path):
-        t = pq.read_table(Path(table_path) / rel, columns=columns)
-        tables.append(t.append_column("_file", pa.array([rel] * t.num_rows, pa.string())))
-    if not tables:
+    ``_file`` is NULL for a table whose files do not hold its rows as they are (deletion
+    vectors, column mapping, partitions; see :func:`~dicomlake.catalog.snapshots.plain`):
+    its rows are read through delta-rs, and none of its files may be rewritten by hand.
+    """
+    import pyarrow as pa
+
+    from dicomlake.catalog.snapshots import FollowedTable, plain, read_files, read_table
+
+    table = FollowedTable(table_path).table()
+    if table is None:
         return pa.table({c: pa.array([], pa.string()) for c in [*columns, "_file"]})
-    return pa.concat_tables(tables)
+    if not plain(table):
+        data = read_table(table, columns)
+        return data.append_column("_file", pa.nulls(data.num_rows, pa.string()))
+    return read_files(table, _paths_of(table), columns, file_column="_file")
+
+
+def _paths_of(table: Any) -> list[str]:
+    """Paths (as the log holds them) of an open table's current files."""
+    import pyarrow as pa
+
+    return [str(p) for p in pa.table(table.get_add_actions()).column("path").to_pylist()]
 
 
 @dataclass(frozen=True)
 class DeltaFilesPartition(InputPartition):
-    """Active files of one table, read by one task."""
+    """What one task reads: some data files of a plain table (paths as the log holds them,
+    read with the table's Arrow schema ``file_schema``), or, with ``scan_version``, that
+    whole version of a table only delta-rs can read (deletion vectors, column mapping)."""
 
-    paths: tuple[str, ...]
+    paths: tuple[str, ...] = ()
+    file_schema: Any = None  # pa.Schema
+    scan_version: int | None = None
 
 
 class DeltaTableReader(DataSourceReader):
-    """Streams a table's active Parquet files as Arrow batches."""
+    """Streams a table's current rows as Arrow batches (files listed by delta-rs)."""
 
     TARGET_BYTES = 128 << 20
 
@@ -284,40 +298,62 @@ class DeltaTableReader(DataSourceReader):
         self.schema = schema
 
     def partitions(self) -> list[DeltaFilesPartition]:
-        from deltalake import DeltaTable
-
-        if not DeltaTable.is_deltatable(self.table_path):
-            return []
         import pyarrow as pa
 
-        actions = pa.table(DeltaTable(self.table_path).get_add_actions(flatten=True))
+        from dicomlake.catalog.snapshots import FollowedTable, plain, schema_of
+
+        table = FollowedTable(self.table_path).table()
+        if table is None:
+            return []
+        if not plain(table):
+            return [DeltaFilesPartition(scan_version=table.version())]
+        file_schema = schema_of(table)
+        actions = pa.table(table.get_add_actions())
         parts: list[DeltaFilesPartition] = []
         group: list[str] = []
         size = 0
         for rel, nbytes in zip(actions.column("path").to_pylist(),
                                actions.column("size_bytes").to_pylist(), strict=True):
-            group.append(str(Path(self.table_path) / rel))
+            group.append(str(rel))
             size += nbytes
             if size >= self.TARGET_BYTES:
-                parts.append(DeltaFilesPartition(tuple(group)))
+                parts.append(DeltaFilesPartition(tuple(group), file_schema))
                 group, size = [], 0
         if group:
-            parts.append(DeltaFilesPartition(tuple(group)))
+            parts.append(DeltaFilesPartition(tuple(group), file_schema))
         return parts
 
     def read(self, partition: DeltaFilesPartition) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
-        import pyarrow.parquet as pq
         from pyspark.sql.pandas.types import to_arrow_schema
 
         target = to_arrow_schema(self.schema, timezone="UTC")
-        # A table without files plans no partitions; Spark then still reads one partition of
-        # its own (a plain InputPartition), which holds no rows.
-        for path in getattr(partition, "paths", ()):
-            parquet = pq.ParquetFile(path)
-            for batch in parquet.iter_batches(batch_size=4096, columns=target.names):
+        for batch in self._batches(partition, target.names):
+            if batch.num_rows:
                 # Spark insists on its exact Arrow types (list field names, tz, widths).
                 yield from pa.Table.from_batches([batch]).cast(target).to_batches()
+
+    def _batches(self, partition: DeltaFilesPartition, columns: list[str],
+                 ) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        from deltalake import DeltaTable
+
+        from dicomlake.catalog.snapshots import files_dataset, locate_files, schema_of, table_uri
+
+        # A table without files plans no partitions; Spark then still reads one partition of
+        # its own (a plain InputPartition), which holds no rows.
+        version = getattr(partition, "scan_version", None)
+        if version is not None:
+            table = DeltaTable(table_uri(self.table_path), version=version)
+            yield from pa.RecordBatchReader.from_stream(table.scan(columns=columns),
+                                                        schema=schema_of(table, columns))
+            return
+        paths = getattr(partition, "paths", ())
+        if not paths:
+            return
+        filesystem, files = locate_files(table_uri(self.table_path), list(paths))
+        dataset = files_dataset(files, partition.file_schema, filesystem)
+        yield from dataset.to_batches(columns=columns, batch_size=4096)
 
 
 class DeltaTableDataSource(DataSource):
