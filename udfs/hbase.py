@@ -7,11 +7,18 @@ the image id, where ``x`` = MD5 (as a number) mod 9. The image id is the SOPInst
 the PNG thumbnail. The salt spreads writes over the 9 regions; reads scan the 9 regions in
 parallel, one thread and connection per region.
 
-Writes are all-or-nothing for readers: every write takes a new generation number from a
-counter in the meta row (``0000|~meta``, outside the hex key space), stamps its rows with
-it, and only after every task succeeded publishes it as ``committed``. Readers skip rows of
-generations above ``committed``, so a write that dies half way is invisible (its rows are
-rewritten by the next ``dicomlake embed``).
+Writes are all-or-nothing for readers while one writer publishes at a time: every write
+takes a new generation number from a counter in the meta row (``0000|~meta``, outside the hex
+key space), stamps its rows with it, and only after every put succeeded publishes it in ONE
+mutation of the meta row (HBase and Bigtable apply a single-row mutation atomically): the
+newest generation as ``committed``, the writer's app transactions (``txn/<app id>``), and
+for a replacing write a ``floor``. Readers keep rows of generations in ``floor ..
+committed``, so a write that dies half way is invisible (its rows are rewritten by the next
+write), and a replacing write hides every older code at once (older rows are deleted after
+publishing, as clean-up). What does not hold: while writer A is still putting rows,
+a writer B that started later may publish, and A's rows written so far become visible before
+A is complete (its generation is below B's ``committed``). Row keys come from the image id,
+so writing the same code again (a replay) overwrites its own row.
 
 Two clients with one Table API: ``happybase`` (HBase Thrift server, ``host``/``port``) and
 ``google-cloud-happybase`` (Cloud Bigtable or its emulator, ``emulator``). Pre-splitting into
@@ -27,22 +34,30 @@ import os
 import socket
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dicomlake.udfs.codestore import CODE_COLUMNS
+from dicomlake.udfs.codestore import (
+    CODE_COLUMNS,
+    code_batches,
+    codes_schema,
+    empty_codes,
+    key_tuples,
+)
 from dicomlake.udfs.errors import CodeStoreError
 from dicomlake.udfs.settings import HBaseSettings
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import DataFrame
 
 REGIONS = 9
 FAMILIES = ("MD", "MI")
 META_ROW = b"0000|~meta"
 _SPLITS = [f"{i:04d}|".encode() for i in range(1, REGIONS)]
+_TXN = b"MI:txn/"
+"""Meta-row column prefix of an app transaction (``MI:txn/<app id>``)."""
 
 
 def image_id(sop_instance_uid: str, frame: int) -> str:
@@ -71,6 +86,7 @@ class HBaseCodeStore:
     """Codes in HBase (or Bigtable) under salted row keys."""
 
     name = "hbase"
+    columns = (*CODE_COLUMNS, "thumbnail")
 
     def __init__(self, settings: HBaseSettings) -> None:
         self.settings = settings
@@ -123,67 +139,98 @@ class HBaseCodeStore:
         else:
             conn.create_table(name, {f: {"max_versions": 1} for f in FAMILIES})
 
-    def _committed(self, table: Any) -> int:
-        row = table.row(META_ROW, columns=[b"MI:committed"])
-        raw = row.get(b"MI:committed")
-        return struct.unpack(">q", raw)[0] if raw else 0
+    def _meta(self, table: Any) -> _Meta:
+        return _Meta.of(table.row(META_ROW, columns=[b"MI"]))
 
     def generation(self) -> str:
-        return str(self._committed(self._table()))
+        """The last published generation (every write publishes a new one)."""
+        meta = self._meta(self._table())
+        return str(meta.published or meta.committed)
 
-    def write(self, codes: DataFrame, *, replace: bool) -> int:
-        """Write codes from Spark tasks (each task batches its puts), then publish."""
+    def transaction_versions(self, app_ids: list[str]) -> dict[str, int]:
+        txns = self._meta(self._table()).txns
+        return {app: txns[app] for app in app_ids if app in txns}
+
+    def write(self, codes: pa.Table | pa.RecordBatchReader, *, replace: bool,
+              app_transactions: Mapping[str, int] | None = None,
+              operation: str = "ENCODE") -> int:
+        """Put every row under a new generation, then publish it (see the module docstring).
+
+        ``operation`` is not recorded: HBase keeps no history of writes.
+        """
         self.check()
         table = self._table()
+        batches = code_batches(codes, self.columns)
+        first = next(batches, None)
+        if first is None and not replace and not app_transactions:
+            return 0
         gen = table.counter_inc(META_ROW, b"MI:next_gen")
-        settings = self.settings
-
-        def put(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-            import pyarrow as pa
-
-            store = HBaseCodeStore(settings)
-            tbl = store._table()
-            n = 0
-            with tbl.batch(batch_size=500) as batch:
-                for rb in batches:
-                    n += _put_rows(batch, rb.to_pylist(), gen)
-            yield pa.RecordBatch.from_pydict({"rows": [n]})
-
+        written = 0
         try:
-            written = sum(r["rows"] for r in codes.mapInArrow(put, "rows long").collect())
+            with table.batch(batch_size=500) as batch:
+                for rb in itertools.chain([first] if first is not None else [], batches):
+                    written += _put_rows(batch, rb.to_pylist(), gen)
         except Exception as exc:
             raise CodeStoreError(
-                f"writing codes to HBase table {settings.table!r} failed: "
+                f"writing codes to HBase table {self.settings.table!r} failed: "
                 f"{str(exc).splitlines()[0]}; readers still see generation "
-                f"{self._committed(table)} (nothing of this write is visible)") from exc
-        table.put(META_ROW, {b"MI:committed": struct.pack(">q", gen)})
+                f"{self._meta(table).committed} (nothing of this write is visible)") from exc
+        meta = self._meta(table)
+        publish = {b"MI:published": _pack(gen)}
+        if gen > meta.committed:
+            publish[b"MI:committed"] = _pack(gen)
+        if replace:
+            publish[b"MI:floor"] = _pack(gen)
+        for app, version in (app_transactions or {}).items():
+            publish[_TXN + app.encode()] = _pack(version)
+        table.put(META_ROW, publish)  # one row: atomic
+        if replace:
+            self._drop_below(gen)
         return written
 
     def put_codes(self, rows: list[dict[str, Any]]) -> int:
-        """Write codes from one process (the stream job) and publish them at once.
+        """Write codes given as dicts: ``streaming/processor.py``'s call until it moves to
+        :meth:`write` (then remove this)."""
+        import pyarrow as pa
 
-        Row keys are derived from the image id, so writing the same code again (a replay
-        after a crash) overwrites its row instead of adding one.
-        """
-        if not rows:
-            return 0
+        return self.write(pa.Table.from_pylist(rows), replace=False, operation="STREAM")
+
+    def missing(self, codes: pa.Table) -> pa.Table:
+        """Looks up each row's key (a batch of gets): stored means the row holds this image,
+        frame and codebook version under a visible generation."""
+        import pyarrow as pa
+
+        if not codes.num_rows:
+            return codes
         table = self._table()
-        gen = table.counter_inc(META_ROW, b"MI:next_gen")
-        with table.batch(batch_size=500) as batch:
-            written = _put_rows(batch, rows, gen)
-        if gen > self._committed(table):
-            table.put(META_ROW, {b"MI:committed": struct.pack(">q", gen)})
-        return written
+        meta = self._meta(table)
+        keys = list(key_tuples(codes))
+        found = dict(table.rows([row_key(image_id(u, f)) for u, f, _ in keys],
+                                columns=[b"MI:uid", b"MI:frame", b"MI:cbv", b"MI:gen"]))
+        stored = []
+        for uid, frame, version in keys:
+            data = found.get(row_key(image_id(uid, frame)), {})
+            stored.append(bool(data) and meta.visible(data)
+                          and data.get(b"MI:uid") == uid.encode()
+                          and data.get(b"MI:frame") == str(frame).encode()
+                          and data.get(b"MI:cbv") == str(version).encode())
+        return codes.filter(pa.array([not s for s in stored], pa.bool_()))
 
-    def _scan_region(self, region: int, committed: int) -> dict[str, list[Any]]:
+    def _drop_below(self, floor: int) -> None:
+        """Delete rows a replacing write hid (readers skip them already)."""
+        table = self._table()
+        with table.batch(batch_size=500) as batch:
+            for key, data in table.scan(columns=[b"MI:gen"]):
+                if key != META_ROW and int(data.get(b"MI:gen", b"0")) < floor:
+                    batch.delete(key)
+
+    def _scan_region(self, region: int, meta: _Meta) -> dict[str, list[Any]]:
         table = self._table()
         out: dict[str, list[Any]] = {c: [] for c in CODE_COLUMNS}
         prefix = f"{region:04d}|".encode()
         for key, data in table.scan(row_prefix=prefix, columns=[b"MI"]):
-            if key == META_ROW or b"MI:code" not in data:
-                continue
-            if int(data.get(b"MI:gen", b"0")) > committed:
-                continue  # a write that has not (or never) published
+            if key == META_ROW or b"MI:code" not in data or not meta.visible(data):
+                continue  # a write that has not (or never) published, or was replaced
             out["sop_instance_uid"].append(data[b"MI:uid"].decode())
             out["frame"].append(int(data[b"MI:frame"]))
             out["codebook_version"].append(int(data[b"MI:cbv"]))
@@ -198,19 +245,12 @@ class HBaseCodeStore:
         conn = self.connect()
         names = [t.decode() if isinstance(t, bytes) else t for t in conn.tables()]
         if self.settings.table not in names:
-            return _empty()
-        table = conn.table(self.settings.table)
-        committed = self._committed(table)
+            return empty_codes()
+        meta = self._meta(conn.table(self.settings.table))
         with ThreadPoolExecutor(REGIONS) as pool:
-            parts = list(pool.map(lambda r: self._scan_region(r, committed), range(REGIONS)))
+            parts = list(pool.map(lambda r: self._scan_region(r, meta), range(REGIONS)))
         cols = {c: list(itertools.chain.from_iterable(p[c] for p in parts)) for c in CODE_COLUMNS}
-        return pa.table({
-            "sop_instance_uid": pa.array(cols["sop_instance_uid"], pa.string()),
-            "frame": pa.array(cols["frame"], pa.int32()),
-            "codebook_version": pa.array(cols["codebook_version"], pa.int32()),
-            "list_id": pa.array(cols["list_id"], pa.int32()),
-            "code": pa.array(cols["code"], pa.binary()),
-        })
+        return pa.table({f.name: pa.array(cols[f.name], f.type) for f in codes_schema()})
 
     def thumbnail(self, sop_instance_uid: str, frame: int = 0) -> bytes | None:
         """The PNG kept in ``MD:thumb`` for one image."""
@@ -234,10 +274,30 @@ def _put_rows(batch: Any, rows: list[dict[str, Any]], gen: int) -> int:
     return len(rows)
 
 
-def _empty() -> pa.Table:
-    import pyarrow as pa
+def _pack(value: int) -> bytes:
+    return struct.pack(">q", value)
 
-    return pa.table({"sop_instance_uid": pa.array([], pa.string()),
-                     "frame": pa.array([], pa.int32()),
-                     "codebook_version": pa.array([], pa.int32()),
-                     "list_id": pa.array([], pa.int32()), "code": pa.array([], pa.binary())})
+
+@dataclass(frozen=True)
+class _Meta:
+    """The published state in the meta row: which generations readers see, app versions."""
+
+    committed: int = 0
+    floor: int = 0
+    published: int = 0
+    txns: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: dict[bytes, bytes]) -> _Meta:
+        def number(column: bytes) -> int:
+            raw = row.get(column)
+            return struct.unpack(">q", raw)[0] if raw else 0
+
+        txns = {k[len(_TXN):].decode(): struct.unpack(">q", v)[0]
+                for k, v in row.items() if k.startswith(_TXN)}
+        return cls(number(b"MI:committed"), number(b"MI:floor"), number(b"MI:published"),
+                   txns)
+
+    def visible(self, data: dict[bytes, bytes]) -> bool:
+        """Whether a code row's generation is published and not replaced."""
+        return self.floor <= int(data.get(b"MI:gen", b"0")) <= self.committed
