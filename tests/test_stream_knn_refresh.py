@@ -1,5 +1,7 @@
-"""image_knn's searcher under a stream of commits: appends are read incrementally, anything
-else reloads, and either way the searcher holds exactly what a fresh one would.
+"""image_knn's searcher under a stream of commits: tables are kept open, appends are read
+incrementally, anything else reloads, and either way the searcher holds exactly what a fresh
+one would. Tables only delta-rs can read right (column mapping, deletion vectors) are read
+through it.
 
 Real Delta tables (delta-rs) and a real faiss codebook; no Spark (the searcher is the part
 of ``image_knn`` that runs in the Python worker).
@@ -14,8 +16,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
+from dicomlake.catalog.snapshots import FollowedTable, TableRows
 from dicomlake.udfs import pq
-from dicomlake.udfs.deltalog import appended_files, latest_version
+from dicomlake.udfs.codestore import CODE_COLUMNS
 from dicomlake.udfs.knn import Searcher
 from dicomlake.udfs.settings import SimilaritySettings
 
@@ -87,28 +90,30 @@ def test_appends_are_read_incrementally_and_match_a_fresh_searcher(lake: Lake) -
     s = _searcher(lake)
     s.refresh()
     assert s.index is not None and s.index.size == 20
+    rows = TableRows(lake.path("codes"), CODE_COLUMNS)
+    rows.refresh()
     for _ in range(3):  # three stream commits, each only adding files
         lake.append(5)
-    codes = lake.path("codes")
-    assert appended_files(codes, s._codes.version, latest_version(codes)) is not None
+    assert rows.refresh() and rows.added is not None and rows.added.num_rows == 15
     newest = lake.append(1)
     assert s.search(newest[0], 1)[0][1] == newest[0]  # found at once, by its own vector
     assert s.search(first[0], 1)[0][1] == first[0]
     fresh = _searcher(lake)
     fresh.refresh()
     assert _state(s) == _state(fresh)
-    assert s._codes.version == latest_version(codes) == DeltaTable(str(codes)).version()
+    assert s.store.generation() == str(DeltaTable(str(lake.path("codes"))).version())
 
 
 def test_a_commit_that_removes_files_reloads_everything(lake: Lake) -> None:
     lake.append(12)
     s = _searcher(lake)
     s.refresh()
+    rows = TableRows(lake.path("codes"), CODE_COLUMNS)
+    rows.refresh()
     kept = lake.append(4)
-    dt_codes = DeltaTable(str(lake.path("codes")))
-    dt_codes.delete("sop_instance_uid = '1.2.3.0'")
-    codes = lake.path("codes")
-    assert appended_files(codes, s._codes.version, latest_version(codes)) is None
+    DeltaTable(str(lake.path("codes"))).delete("sop_instance_uid = '1.2.3.0'")
+    assert rows.refresh() and rows.added is None  # read afresh
+    assert rows.rows is not None and "1.2.3.0" not in rows.rows.column(0).to_pylist()
     s.refresh()
     assert s.index is not None
     assert "1.2.3.0" not in set(s.index.ids.tolist())
@@ -118,5 +123,55 @@ def test_a_commit_that_removes_files_reloads_everything(lake: Lake) -> None:
     assert _state(s) == _state(fresh)
 
 
-def test_latest_version_without_a_table(tmp_path: Path) -> None:
-    assert latest_version(tmp_path / "missing") == -1
+def test_an_unchanged_table_is_not_read_again(lake: Lake) -> None:
+    lake.append(3)
+    rows = TableRows(lake.path("codes"), CODE_COLUMNS)
+    assert rows.refresh()
+    before = rows.rows
+    assert not rows.refresh() and rows.rows is before
+
+
+def test_a_new_column_reloads_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    write_deltalake(str(path), pa.table({"a": [1, 2]}))
+    rows = TableRows(path, ["a"])
+    rows.refresh()
+    write_deltalake(str(path), pa.table({"a": [3], "b": ["x"]}), mode="append",
+                    schema_mode="merge")
+    assert rows.refresh() and rows.added is None
+    assert sorted(rows.rows.column("a").to_pylist()) == [1, 2, 3]
+
+
+def test_column_mapping_is_read_through_delta_rs(tmp_path: Path) -> None:
+    """Files of a column-mapped table name columns by id: a plain Parquet read gives NULLs."""
+    path = tmp_path / "mapped"
+    write_deltalake(str(path), pa.table({"a": [1, 2], "b": ["x", "y"]}),
+                    configuration={"delta.columnMapping.mode": "name"})
+    rows = TableRows(path, ["b", "a"])
+    rows.refresh()
+    write_deltalake(str(path), pa.table({"a": [3], "b": ["z"]}), mode="append")
+    assert rows.refresh() and rows.added is None  # never by file for such a table
+    assert sorted(rows.rows.to_pylist(), key=lambda r: r["a"]) == [
+        {"b": "x", "a": 1}, {"b": "y", "a": 2}, {"b": "z", "a": 3}]
+
+
+def test_a_deletion_vector_table_is_read_through_delta_rs(tmp_path: Path) -> None:
+    path = tmp_path / "dv"
+    write_deltalake(str(path), pa.table({"a": [1, 2, 3]}),
+                    configuration={"delta.enableDeletionVectors": "true"})
+    rows = TableRows(path, ["a"])
+    rows.refresh()
+    DeltaTable(str(path)).delete("a = 2")
+    assert rows.refresh() and rows.added is None
+    assert sorted(rows.rows.column("a").to_pylist()) == [1, 3]
+    assert rows.rows.schema.field("a").type == pa.int64()  # the table's type, not a view
+
+
+def test_a_table_that_appears_later(tmp_path: Path) -> None:
+    path = tmp_path / "later"
+    rows = TableRows(path, ["a"])
+    assert rows.refresh() and rows.rows is None and rows.version == -1
+    assert not rows.refresh()
+    assert FollowedTable(path).version() == -1
+    write_deltalake(str(path), pa.table({"a": [1]}))
+    assert rows.refresh() and rows.rows is not None and rows.rows.num_rows == 1

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomlake.catalog.deid import DEID_SCHEMA, RAW_SCHEMA
+from dicomlake.catalog.snapshots import TableRows
 from dicomlake.udfs.errors import UnknownImageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -43,40 +48,53 @@ ANALYST_SCOPE = ImageScope(DEID_SCHEMA, paths=False)
 @dataclass
 class ImageIndex:
     """Identifier (SOP Instance UID or path, as the scope's ``instances`` holds them) -> the
-    raw path of the lake's file; re-read when ``dicom.instances`` gets a new version."""
+    raw path of the lake's file; follows ``dicom.instances`` (kept open: a check costs an
+    ``update_incremental``, and rows the stream appended are added without a re-read)."""
 
     home: Path
     warehouse: Path
     scope: ImageScope
-    _version: int = -2
     _paths: dict[str, str] = field(default_factory=dict)
+    _rows: TableRows = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rows = TableRows(self.warehouse / RAW_SCHEMA / "instances",
+                               ["sop_instance_uid", "path"])
 
     def refresh(self) -> None:
-        from dicomlake.udfs.deltalog import latest_version
-        from dicomlake.udfs.knn import _read_snapshot
-
-        table = self.warehouse / RAW_SCHEMA / "instances"
-        if latest_version(table) == self._version:
+        if not self._rows.refresh():
             return
-        version, data = _read_snapshot(table, ["sop_instance_uid", "path"])
-        paths: dict[str, str] = {}
-        if data is not None:
-            uids = data.column("sop_instance_uid").to_pylist()
-            raw = data.column("path").to_pylist()
-            if self.scope.deidentified:
-                from dicomlake.catalog.deid import Pseudonymizer, load_key
+        added = self._rows.added
+        data = self._rows.rows if added is None else added
+        try:
+            found = self._entries(data) if data is not None else {}
+        except BaseException:
+            self.__post_init__()  # the rows moved on, the index did not: read all next time
+            raise
+        if added is None:
+            self._paths = found
+        else:
+            self._paths.update(found)
 
-                pseudo = Pseudonymizer(load_key(self.home, create=False))
-                for uid, path in zip(uids, raw, strict=True):
-                    if uid:
-                        paths[pseudo.uid(uid)] = path
-                    paths[pseudo.file(path)] = path
-            else:
-                for uid, path in zip(uids, raw, strict=True):
-                    if uid:
-                        paths[uid] = path
-                    paths[path] = path
-        self._paths, self._version = paths, version
+    def _entries(self, data: pa.Table) -> dict[str, str]:
+        """Identifier -> raw path for these rows of ``dicom.instances``."""
+        uids = data.column("sop_instance_uid").to_pylist()
+        raw = data.column("path").to_pylist()
+        found: dict[str, str] = {}
+        if self.scope.deidentified:
+            from dicomlake.catalog.deid import Pseudonymizer, load_key
+
+            pseudo = Pseudonymizer(load_key(self.home, create=False))
+            for uid, path in zip(uids, raw, strict=True):
+                if uid:
+                    found[pseudo.uid(uid)] = path
+                found[pseudo.file(path)] = path
+        else:
+            for uid, path in zip(uids, raw, strict=True):
+                if uid:
+                    found[uid] = path
+                found[path] = path
+        return found
 
     def path_of(self, ref: str) -> str:
         """The raw path of the image ``ref`` names.

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from dicomlake.catalog.snapshots import FollowedTable, TableRows, read_table, schema_of
 from dicomlake.udfs import pq
-from dicomlake.udfs.codestore import CODE_COLUMNS, CODES, DeltaCodeStore, check_versions, open_store
-from dicomlake.udfs.deltalog import appended_files, latest_version
+from dicomlake.udfs.codestore import CODES, CodeStore, DeltaCodeStore, check_versions, open_store
 from dicomlake.udfs.errors import CodebookError, KnnError
 from dicomlake.udfs.images import ADMIN_SCOPE, ImageScope
 from dicomlake.udfs.search import CodeIndex
@@ -51,57 +51,6 @@ def _vectors(table: Any) -> np.ndarray:
     return flat.reshape(table.num_rows, -1) if table.num_rows else np.zeros((0, 0), np.float32)
 
 
-def _read_files(table_path: Path, files: list[str], columns: list[str]) -> Any:
-    """``columns`` of the given data files of a table, concatenated (None when no files)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(table_path / rel, columns=columns) for rel in files]
-    return pa.concat_tables(tables) if tables else None
-
-
-def _read_snapshot(table_path: Path, columns: list[str]) -> tuple[int, Any]:
-    """(version, ``columns`` of that version's active files); (-1, None) without a table.
-
-    The version is the one actually read, so a later :func:`appended_files` from it neither
-    misses nor repeats a commit that landed while reading.
-    """
-    from deltalake import DeltaTable
-
-    if not DeltaTable.is_deltatable(str(table_path)):
-        return -1, None
-    table = DeltaTable(str(table_path))
-    files = [str(f) for f in table.get_add_actions(flatten=True).column("path").to_pylist()]
-    return table.version(), _read_files(table_path, files, columns)
-
-
-@dataclass
-class _Cached:
-    """Rows of one table as of ``version``, kept so a commit that only appends costs just
-    reading its new files."""
-
-    version: int = -2
-    rows: Any = None  # pa.Table | None
-
-    def advance(self, table_path: Path, version: int, columns: list[str]) -> bool:
-        """Bring ``rows`` to ``version``; True if they changed. Appends when the commits in
-        between only added files, else reads the whole snapshot again."""
-        import pyarrow as pa
-
-        if version == self.version:
-            return False
-        added = (appended_files(table_path, self.version, version)
-                 if self.version >= 0 and self.rows is not None else None)
-        if added is None:
-            self.version, self.rows = _read_snapshot(table_path, columns)
-            return True
-        new = _read_files(table_path, added, columns)
-        if new is not None:
-            self.rows = pa.concat_tables([self.rows, new.cast(self.rows.schema)])
-        self.version = version
-        return True
-
-
 _EMB_COLUMNS = ["sop_instance_uid", "frame", "model_version", "embedding"]
 
 
@@ -110,10 +59,10 @@ class Searcher:
     """Everything one worker needs to answer queries, refreshed when tables change.
 
     The stream appends to ``dicom.codes`` and ``dicom.embeddings`` several times a second, and
-    every query task checks for changes, so a check lists the Delta logs instead of opening
-    the tables, and a change that only appended reads only the new files (see
-    :mod:`~dicomlake.udfs.deltalog`). Anything else (a new codebook, ``embed --replace``, the
-    HBase store) reloads everything.
+    every query task checks for changes, so the tables are kept open and a check is an
+    ``update_incremental`` per table (:mod:`~dicomlake.catalog.snapshots`); a change that only
+    appended reads only the new files. Anything else (``embed --replace``, deletes, the HBase
+    store) reloads that table.
     """
 
     home: Path
@@ -126,9 +75,19 @@ class Searcher:
     exact: np.ndarray | None = None
     exact_rows: np.ndarray | None = None
     emb_keys: dict[tuple[str, int], int] = field(default_factory=dict)
-    _filters: dict[str, np.ndarray] = field(default_factory=dict)
-    _codes: _Cached = field(default_factory=_Cached)
-    _emb: _Cached = field(default_factory=_Cached)
+    _filters: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    store: CodeStore = field(init=False)
+    _books: FollowedTable = field(init=False)
+    _emb: TableRows = field(init=False)
+    _instances: FollowedTable = field(init=False)
+
+    def __post_init__(self) -> None:
+        # the de-identified twin of the codes is always Delta
+        self.store = (DeltaCodeStore(self._path(CODES)) if self.scope.deidentified
+                      else open_store(self.warehouse, self.similarity))
+        self._books = FollowedTable(self._book_path())
+        self._emb = TableRows(self._path("embeddings"), _EMB_COLUMNS)
+        self._instances = FollowedTable(self._path("instances"))
 
     def _path(self, table: str) -> Path:
         return self.warehouse / self.scope.schema / table
@@ -137,34 +96,21 @@ class Searcher:
         """Codebooks (centroids, no identifiers) live in ``dicom`` for every scope."""
         return self.warehouse / "dicom" / pq.CODEBOOKS
 
-    def _store(self) -> Any:
-        if self.scope.deidentified:  # the de-identified twin of the codes is always Delta
-            return DeltaCodeStore(self._path(CODES))
-        return open_store(self.warehouse, self.similarity)
-
     def refresh(self) -> None:
         """Reload the codebook, codes and exact vectors if any of them changed."""
-        store = self._store()
-        delta_codes = isinstance(store, DeltaCodeStore)
-        stamps = {"book": latest_version(self._book_path()),
+        store = self.store
+        stamps = {"book": self._books.version(),
                   "codes": (store.name, store.generation()),
-                  "emb": latest_version(self._path("embeddings"))}
+                  "emb": self._emb.followed.version()}
         if stamps == self._stamps and self.index is not None:
             return
         if stamps["book"] != self._stamps.get("book") or self.book is None:
             self.book = pq.latest(self._book_path())
-            self._codes, self._emb = _Cached(), _Cached()  # codes of another book: reload
         if self.book is None:
             raise CodebookError(
                 f"image_knn: no PQ codebook yet in {self._book_path()}; run "
                 "`dicomlake embed` (it trains one once images are embedded)")
-        if delta_codes:
-            self._codes.advance(self._path(CODES), int(store.generation()), list(CODE_COLUMNS))
-            codes = self._codes.rows
-            if codes is None:
-                codes = store.load()
-        else:
-            codes = store.load()
+        codes = store.load()
         check_versions(codes, self.book.version, store.name)
         n = codes.num_rows
         raw = b"".join(codes.column("code").to_pylist()) if n else b""
@@ -174,15 +120,15 @@ class Searcher:
             np.asarray(codes.column("frame").to_numpy(zero_copy_only=False), np.int32),
             code_arr, np.asarray(codes.column("list_id").to_numpy(zero_copy_only=False),
                                  np.int32))
-        self._load_exact(int(stamps["emb"]))  # type: ignore[call-overload]
+        self._load_exact()
         self._filters.clear()
         self._stamps = stamps
 
-    def _load_exact(self, version: int) -> None:
+    def _load_exact(self) -> None:
         import pyarrow.compute as pc
 
         assert self.index is not None and self.book is not None
-        self._emb.advance(self._path("embeddings"), version, _EMB_COLUMNS)
+        self._emb.refresh()
         emb = self._emb.rows
         if emb is None or not emb.num_rows:
             self.emb_keys, self.exact = {}, None
@@ -199,20 +145,21 @@ class Searcher:
 
     def allowed(self, text: str) -> np.ndarray:
         """Bool per index row: does the row's instance pass the metadata filter?"""
-        if text in self._filters:
-            return self._filters[text]
         import pyarrow as pa
-        from deltalake import DeltaTable
 
-        from dicomlake.catalog.delta import read_columns
         from dicomlake.udfs.filters import parse_filter
 
-        path = self._path("instances")
+        instances = self._instances.table()
+        key = (text, -1 if instances is None else instances.version())
+        if key in self._filters:
+            return self._filters[key]
         table = f"{self.scope.schema}.instances"
-        columns = ({f.name: f.type for f in pa.schema(DeltaTable(str(path)).schema().to_arrow())}
-                   if DeltaTable.is_deltatable(str(path)) else {"sop_instance_uid": pa.string()})
+        columns = ({f.name: f.type for f in schema_of(instances)} if instances is not None
+                   else {"sop_instance_uid": pa.string()})
         expr, used = parse_filter(text, columns, table)
-        data = read_columns(path, sorted(used | {"sop_instance_uid"}))
+        wanted = sorted(used | {"sop_instance_uid"})
+        data = (read_table(instances, wanted) if instances is not None
+                else pa.table({c: pa.array([], columns[c]) for c in wanted}))
         try:
             passing = set(data.filter(expr).column("sop_instance_uid").to_pylist()) \
                 if data.num_rows else set()
@@ -222,7 +169,7 @@ class Searcher:
         assert self.index is not None
         mask = np.fromiter((u in passing for u in self.index.ids.tolist()), dtype=bool,
                            count=self.index.size)
-        self._filters[text] = mask
+        self._filters[key] = mask
         return mask
 
     def query_vector(self, query: Any, frame: int) -> np.ndarray:
