@@ -15,17 +15,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from _bigtable import BigtableEmulator, emulator_binary
 from deltalake import DeltaTable
 
 from dicomlake.udfs.codestore import CODE_COLUMNS, CodeStore, DeltaCodeStore, codes_schema
 from dicomlake.udfs.errors import CodeStoreError
 from dicomlake.udfs.hbase import HBaseCodeStore
 from dicomlake.udfs.settings import HBaseSettings
-
-try:  # the helper is moving from the package into tests/
-    from _bigtable import BigtableEmulator, emulator_binary
-except ImportError:
-    from dicomlake.udfs.emulator import BigtableEmulator, emulator_binary
 
 _tables = itertools.count()
 
