@@ -90,6 +90,19 @@ def test_changed_archive_replaces_its_rows(spark, lake, tmp_path, sample_archive
     # Spark reads only the active files: it agrees with delta-rs after the replacement.
     table = DeltaTable(str(lake.table_path("dicom", "instances")))
     assert table.to_pyarrow_table().num_rows == 27
+    # The summaries were updated from this run's rows alone (added and removed): they agree
+    # with a full aggregation, and the replaced archive's vanished series are gone.
+    _assert_summaries_agree(spark)
+
+
+def _assert_summaries_agree(spark) -> None:
+    for table, key in (("series", "series_instance_uid"), ("studies", "study_instance_uid")):
+        expected = {(r[key], r["n"]) for r in spark.sql(
+            f"SELECT {key}, count(*) AS n FROM dicom.instances WHERE {key} IS NOT NULL "
+            f"GROUP BY {key}").collect()}
+        stored = [(r[key], r["instances"]) for r in spark.sql(
+            f"SELECT {key}, instances FROM dicom.{table}").collect()]
+        assert sorted(stored) == sorted(expected)
 
 
 def test_duplicate_sop_instance_uids_become_errors(spark, lake, tmp_path, sample_archives):
@@ -106,6 +119,7 @@ def test_duplicate_sop_instance_uids_become_errors(spark, lake, tmp_path, sample
                     "ORDER BY member LIMIT 1").first()
     assert dup["archive"] == str(copy)
     assert f"already stored for {sample_archives[1]}!/" in dup["error"]
+    _assert_summaries_agree(spark)
 
 
 @pytest.mark.slow
