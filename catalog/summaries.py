@@ -39,7 +39,7 @@ from dicomlake.catalog import tables
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["SERIES", "STUDIES", "TouchedKeys", "update_summaries"]
+__all__ = ["SERIES", "STUDIES", "TouchedKeys", "catch_up", "update_summaries"]
 
 SERIES, STUDIES = tables.SERIES.name, tables.STUDIES.name
 APP_ID = "dicomlake.summaries"
@@ -167,6 +167,47 @@ def update_summaries(warehouse_path: str | Path,
         if todo:
             time.sleep(0.05 * attempt)
     return versions
+
+
+def catch_up(warehouse_path: str | Path) -> dict[str, int]:
+    """Update the summaries for instance commits they have not seen.
+
+    A writer that dies between its ``dicom.instances`` commit and its summary commit leaves
+    those rows out of ``series``/``studies``, and a replay does not bring them back (the
+    records are already committed). Each summary commit records the instances version it
+    saw (:data:`APP_ID`); the keys of the files added or removed since the oldest such
+    version are updated here. A writer calls this when it starts.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    inst_path = str(tables.INSTANCES.path(warehouse_path))
+    if not DeltaTable.is_deltatable(inst_path):
+        return {}
+    seen: list[int | None] = []
+    for table in _SUMMARIES:
+        path = str(table.spec.path(warehouse_path))
+        seen.append(DeltaTable(path).transaction_version(APP_ID)
+                    if DeltaTable.is_deltatable(path) else None)
+    instances = DeltaTable(inst_path)
+    if None in seen:
+        return update_summaries(warehouse_path, everything=True)
+    oldest = min(v for v in seen if v is not None)
+    if oldest >= instances.version():
+        return {}
+    try:
+        before = set(DeltaTable(inst_path, version=oldest).file_uris())
+    except DeltaError:  # that version's log was cleaned up: no diff to take
+        return update_summaries(warehouse_path, everything=True)
+    now = set(instances.file_uris())
+    changed = sorted(before ^ now)
+    keys = ["series_instance_uid", "study_instance_uid"]
+    rows = [pq.read_table(uri, columns=keys) for uri in changed]
+    if not rows:
+        return {}
+    return update_summaries(warehouse_path, pa.concat_tables(rows))
 
 
 @dataclass(frozen=True)

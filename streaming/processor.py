@@ -40,6 +40,7 @@ from dicomlake.catalog.archives import Found
 from dicomlake.catalog.duplicates import find_duplicates
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.rows import Origin, error_row, instance_row
+from dicomlake.catalog.summaries import catch_up, update_summaries
 from dicomlake.streaming import messages
 from dicomlake.streaming.commits import DeltaAppender
 from dicomlake.streaming.messages import BadMessageError
@@ -168,6 +169,8 @@ class LakeWriter:
         self.store = open_store(self.warehouse, self.similarity)
         self.store.check()
         self.appender = DeltaAppender(self.warehouse, f"dicomlake-stream/{epoch}/{stream.topic}")
+        # a writer that died between its instances and summary commits left them behind
+        catch_up(self.warehouse)
         self.dead_letter = dead_letter
         self.counts: Counter[str] = Counter()
         self._uids: dict[str, tuple[str, str]] = {}
@@ -329,9 +332,8 @@ class LakeWriter:
         kept = []
         for i, item in enumerate(accepted):
             if i in losers:
-                found = Found(**{k: item.row.get(k) for k in (
-                    "path", "archive", "member", "member_index", "file_size",
-                    "compressed_size", "crc32", "modified")})
+                found = self._found(None, item.row["path"], item.row["file_size"], 0)
+                found = replace(found, member=item.row["member"], modified=item.row["modified"])
                 origin = Origin(item.row["source"], item.row["source_fingerprint"], 1)
                 out.add(ERRORS, item.record, error_row(origin, found,
                                                        kind=ErrorKind.DUPLICATE,
@@ -374,8 +376,6 @@ class LakeWriter:
                                                operation="STREAM")
 
     def _update_summaries(self, instances: pa.Table) -> None:
-        from dicomlake.catalog.summaries import update_summaries
-
         update_summaries(self.warehouse, instances)
 
     def _send_dead(self, dead: list[tuple[Record, str, str]], committed: dict[int, int]) -> None:

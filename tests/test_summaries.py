@@ -212,3 +212,17 @@ def test_concurrent_updaters_leave_the_summaries_current(lake):
     _assert_current(lake)
     series = _stored(lake, "series")
     assert pc.sum(series.column("instances")).as_py() == 1 + 2 * 12
+
+
+def test_catch_up_adds_what_a_writer_committed_before_dying(lake):
+    """A writer died between its instances commit and its summary commit: the next one to
+    start brings the summaries up to the instances it finds (added and removed rows)."""
+    from dicomlake.catalog.summaries import catch_up
+
+    update_summaries(lake, _append(lake, [_row("a/1", "1.1", "S1"), _row("b/1", "9.1", "S9",
+                                                                           source="b.zip")]))
+    _append(lake, [_row("a/2", "1.1", "S1", modality="MR"), _row("c/1", "3.1", "S3")])
+    _remove_source(lake, "b.zip")  # no summary update for either: the "crash"
+    assert catch_up(lake)
+    _assert_current(lake)
+    assert catch_up(lake) == {}  # nothing left to see
