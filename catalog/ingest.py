@@ -31,6 +31,7 @@ from dicomlake.catalog.delta import (
     write_files,
 )
 from dicomlake.catalog.dicom_source import CORRUPT_RECORD, ERROR_KIND, PROVENANCE, dicom_schema
+from dicomlake.catalog.duplicates import find_duplicates
 from dicomlake.catalog.errors import ErrorKind
 from dicomlake.catalog.inputs import Source, plan_sources
 from dicomlake.catalog.summaries import SERIES, STUDIES, TouchedKeys, update_summaries
@@ -183,32 +184,19 @@ def _replace_sources(table_path: Path, replaced: set[str],
 
 def _find_duplicates(warehouse: Warehouse, written: list[WrittenFile],
                      replaced: set[str]) -> dict[str, str]:
-    """New instance path -> message, for rows whose SOPInstanceUID is already taken.
-
-    A UID already stored by a source that stays wins; among new rows the smallest path wins,
-    so the outcome does not depend on task order.
-    """
-    taken: dict[str, str] = {}
+    """New instance path -> message, for rows that lose under the shared duplicate rule
+    (:mod:`dicomlake.catalog.duplicates`); rows of replaced sources are not "stored"."""
     existing = read_columns(warehouse.table_path(SCHEMA, INSTANCES),
                             ["sop_instance_uid", "path", "source"])
+    stored: dict[str, tuple[str, str]] = {}
     for uid, path, src in zip(existing.column("sop_instance_uid").to_pylist(),
                               existing.column("path").to_pylist(),
                               existing.column("source").to_pylist(), strict=True):
         if uid is not None and src not in replaced:
-            taken.setdefault(uid, path)
-    new_keys = sorted((path, uid) for f in written if f.table == INSTANCES
-                      for uid, path, *_ in f.keys)
-    duplicates: dict[str, str] = {}
-    for path, uid in new_keys:
-        if uid is None:
-            continue
-        first = taken.setdefault(uid, path)
-        if first != path:
-            duplicates[path] = (
-                f"{path}: duplicate SOPInstanceUID {uid}; the same UID is already stored for "
-                f"{first}"
-            )
-    return duplicates
+            stored.setdefault(uid, (path, src))
+    new = [(path, uid, src) for f in written if f.table == INSTANCES
+           for uid, path, src, *_ in f.keys]
+    return {new[i][0]: message for i, message in find_duplicates(stored, new).items()}
 
 
 def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFile],
