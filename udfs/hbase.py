@@ -188,13 +188,6 @@ class HBaseCodeStore:
             self._drop_below(gen)
         return written
 
-    def put_codes(self, rows: list[dict[str, Any]]) -> int:
-        """Write codes given as dicts: ``streaming/processor.py``'s call until it moves to
-        :meth:`write` (then remove this)."""
-        import pyarrow as pa
-
-        return self.write(pa.Table.from_pylist(rows), replace=False, operation="STREAM")
-
     def missing(self, codes: pa.Table) -> pa.Table:
         """Looks up each row's key (a batch of gets): stored means the row holds this image,
         frame and codebook version under a visible generation."""
