@@ -14,26 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dicomlake.catalog import tables
 from dicomlake.catalog.delta import (
     TableTarget,
-    arrow_schema_of,
     commit,
     read_columns,
     write_files,
 )
 from dicomlake.catalog.warehouse import Warehouse
+from dicomlake.udfs import features, pq
 from dicomlake.udfs import model as model_mod
-from dicomlake.udfs import pq
 from dicomlake.udfs.codestore import CODES, CODES_DDL, open_store
-from dicomlake.udfs.embeddings import (
-    EMBED_DDL,
-    EMBEDDING_COLUMNS,
-    EMBEDDINGS,
-    PIXEL_ERROR_COLUMNS,
-    PIXEL_ERRORS,
-    embed_batches,
-    encode_batches,
-)
+from dicomlake.udfs.embeddings import embed_batches, embed_output_schema, encode_batches
 from dicomlake.udfs.errors import CodebookError
 from dicomlake.udfs.settings import SimilaritySettings
 
@@ -42,7 +34,8 @@ if TYPE_CHECKING:
 
     from dicomlake.config import Settings
 
-SCHEMA = "dicom"
+SCHEMA = tables.SCHEMA
+EMBEDDINGS, PIXEL_ERRORS = tables.EMBEDDINGS.name, tables.PIXEL_ERRORS.name
 
 
 @dataclass
@@ -106,18 +99,16 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
     parallel = spark.sparkContext.defaultParallelism
     todo = todo.repartition(max(parallel, min(count // 64, 4 * parallel)))
     rows = todo.mapInArrow(embed_batches(str(settings.home), similarity.batch_size,
-                                         similarity.backend.value), EMBED_DDL)
-    targets = [
-        TableTarget(EMBEDDINGS, str(warehouse.table_path(SCHEMA, EMBEDDINGS)), EMBEDDING_COLUMNS),
-        TableTarget(PIXEL_ERRORS, str(warehouse.table_path(SCHEMA, PIXEL_ERRORS)),
-                    PIXEL_ERROR_COLUMNS),
-    ]
+                                         similarity.backend.value),
+                           embed_output_schema())
+    targets = [TableTarget(t.name, str(t.path(warehouse.root)), t.columns)
+               for t in (tables.EMBEDDINGS, tables.PIXEL_ERRORS)]
     with _Progress(spark, count, progress or (lambda n: None)):
         written = write_files(rows, targets)
     totals = {}
     for target in targets:
         adds = [f for f in written if f.table == target.key]
-        commit(target.path, arrow_schema_of(rows, target.columns), adds, operation="EMBED")
+        commit(target.path, tables.spec(target.key).schema, adds, operation="EMBED")
         totals[target.key] = sum(f.rows for f in adds)
         if adds:
             warehouse.register(spark, only=(SCHEMA, target.key))
@@ -132,28 +123,12 @@ def _embeddings_frame(spark: SparkSession, warehouse: Warehouse, version: str) -
 
 def train_codebook(spark: SparkSession, settings: Settings, similarity: SimilaritySettings,
                    ) -> pq.Codebook:
-    """Train a new codebook version on a sample of the current model's embeddings."""
-    import numpy as np
-
+    """Train a new codebook version on the training sample (:func:`features.train`)."""
     warehouse = Warehouse(settings.warehouse_path)
-    info = model_mod.model_info(similarity.backend)
-    emb = _embeddings_frame(spark, warehouse, info.version)
-    total = emb.count()
-    if total == 0:
+    book = features.train(warehouse.root, similarity, model_mod.model_info(similarity.backend))
+    if book is None:
         raise CodebookError("no embeddings to train a PQ codebook on; run `dicomlake embed` "
                             "after ingesting images")
-    if total > similarity.train_sample:
-        emb = emb.sample(fraction=min(1.0, 1.2 * similarity.train_sample / total), seed=7)
-    data = emb.select("embedding").toArrow()  # type: ignore[attr-defined]
-    flat = data.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    vectors = flat.reshape(data.num_rows, -1)[: similarity.train_sample]
-    books = warehouse.table_path(SCHEMA, pq.CODEBOOKS)
-    previous = pq.latest(books)
-    nlist = min(similarity.nlist, len(vectors)) if similarity.nlist else 0
-    book = pq.train(np.asarray(vectors, np.float32), m=similarity.m, nlist=nlist,
-                    version=(previous.version + 1) if previous else 1,
-                    model_id=info.model_id, model_version=info.version)
-    pq.save(books, book)
     warehouse.register(spark, only=(SCHEMA, pq.CODEBOOKS))
     return book
 
@@ -180,8 +155,10 @@ def encode_codes(spark: SparkSession, settings: Settings, similarity: Similarity
         everything = current.num_rows != stored.num_rows
         if everything:
             emb = _embeddings_frame(spark, warehouse, book.model_version)
-    codes = emb.mapInArrow(encode_batches(book), CODES_DDL)
-    written = store.write(codes, replace=everything)
+    codes = emb.mapInArrow(encode_batches(book), CODES_DDL).select(*store.columns)
+    # The stores take Arrow (the stream writes through them too): the codes (and the
+    # thumbnails, for a store that keeps them) come to the driver and go in one write.
+    written = store.write(codes.toArrow(), replace=everything)
     if (SCHEMA, CODES) in warehouse.tables():
         warehouse.register(spark, only=(SCHEMA, CODES))
     return written
@@ -200,9 +177,8 @@ def embed(spark: SparkSession, settings: Settings, similarity: SimilaritySetting
     if (SCHEMA, EMBEDDINGS) not in warehouse.tables():
         result.seconds = time.perf_counter() - started
         return result
-    book = pq.latest(warehouse.table_path(SCHEMA, pq.CODEBOOKS))
-    stale = book is None or book.model_version != model_mod.model_info(
-        similarity.backend).version
+    book = features.current_codebook(warehouse.root)
+    stale = book is None or not features.fits(book, model_mod.model_info(similarity.backend))
     if retrain or stale:
         book = train_codebook(spark, settings, similarity)
         result.trained = True
