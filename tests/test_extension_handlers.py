@@ -1,11 +1,16 @@
 """The extension's HTTP handlers in a real ``jupyter lab``, against a real ``dicomlake serve``
 on a small embedded lake: authentication, identity mapping, the schema tree, paging, errors
-with positions, cancel, the browser's statements, and upload through ingest."""
+with positions, cancel, the browser's statements, and upload (through the stream while its
+job runs, else through ingest)."""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
+import subprocess
 import time
+import zipfile
 
 import pytest
 import requests
@@ -304,6 +309,7 @@ def test_upload_ingests_and_embeds(api, tmp_path):
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["files"] == ["ct_scan.dcm"] and "dicomlake.extension.upload" in job["command"]
+    assert job["path"] == "batch" and "no stream job runs" in job["pathReason"]
     deadline = time.monotonic() + 600
     while job["state"] == "RUNNING" and time.monotonic() < deadline:
         time.sleep(2)
@@ -332,3 +338,92 @@ def test_upload_refuses_other_files_and_unpermitted_users(api, servers):
         assert response.status_code == 403
     finally:
         servers.default_identity()
+
+
+@pytest.fixture
+def stream_running(servers):
+    """The lab's lake with the embedded broker and a job record naming a live process: what
+    `dicomlake stream status` reads as a running job. No Flink job: the records are read back
+    from the topic instead."""
+    from dicomlake.config import Settings
+    from dicomlake.streaming.broker import EmbeddedBroker, ensure_topics
+    from dicomlake.streaming.settings import StreamSettings, state_dir
+
+    state = state_dir(Settings(home=servers.home))
+    broker = EmbeddedBroker.start(state)
+    stand_in = subprocess.Popen(["sleep", "600"])
+    try:
+        ensure_topics(broker.bootstrap, StreamSettings())
+        (state / "job.json").write_text(json.dumps({"pid": stand_in.pid,
+                                                    "started_at": time.time()}))
+        yield broker.bootstrap
+    finally:
+        (state / "job.json").unlink(missing_ok=True)
+        stand_in.kill()
+        stand_in.wait()
+        broker.stop(state)
+
+
+def _new_records(bootstrap, offsets, want, timeout=30.0):
+    """Records after ``offsets`` on the upload topic, by their name header."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        consumer.assign(list(offsets))
+        for tp, offset in offsets.items():
+            consumer.seek(tp, offset)
+        found = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < want and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=300).values():
+                for m in batch:
+                    found[dict(m.headers)["dicomlake-name"].decode()] = m.value
+        return found
+    finally:
+        consumer.close()
+
+
+def test_upload_goes_through_the_stream_while_its_job_runs(api, stream_running):
+    from kafka import KafkaConsumer, TopicPartition
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from dicomlake.catalog.sample import find_template
+
+    ds = dcmread(find_template("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    image = io.BytesIO()
+    ds.save_as(image)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("study/ct.dcm", image.getvalue())
+        zf.writestr("study/notes.txt", b"not an image\n" * 20)
+    probe = KafkaConsumer(bootstrap_servers=stream_running)
+    offsets = probe.end_offsets([TopicPartition("imageupload", p) for p in range(9)])
+    probe.close()
+    before = api.run("SELECT count(*) FROM dicom.instances")["rows"][0][0]
+
+    response = api.post("uploads", files={"files": ("study.zip", archive.getvalue(),
+                                                    "application/zip")})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["path"] == "stream" and stream_running in job["pathReason"], job
+    deadline = time.monotonic() + 60
+    while job["state"] == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = api.get(f"uploads/{job['id']}").json()
+    assert job["state"] == "FINISHED", job["output"]
+    assert {d["name"]: (d["status"], d["kind"]) for d in job["deliveries"]} == {
+        "study.zip!/study/ct.dcm": ("sent", None),
+        "study.zip!/study/notes.txt": ("not_sent", "not_dicom")}
+    assert job["summary"]["path"] == "stream" and job["summary"]["sent"] == 1
+
+    records = _new_records(stream_running, offsets, want=1)
+    assert len(records) == 1, records.keys()
+    (name, value), = records.items()
+    assert name.endswith(f"/{job['id']}/study.zip!/study/ct.dcm") and value == image.getvalue()
+    # the check counts what the stream job wrote from these images: no job writes here
+    assert "source_fingerprint IN" in job["check"]["sql"] and job["check"]["error"] is None
+    assert job["check"]["records"][0]["instances"] == 0
+    assert api.run("SELECT count(*) FROM dicom.instances")["rows"][0][0] == before
