@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from deltalake import DeltaTable
 
 __all__ = ["FollowedTable", "TableRows", "files_dataset", "locate_files", "plain", "read_files",
-           "read_table", "schema_of", "table_uri"]
+           "read_table", "scan", "schema_of", "sql_string", "table_uri"]
 
 _SPECIAL_READER_FEATURES = frozenset({"deletionVectors", "columnMapping"})
 
@@ -71,16 +71,30 @@ def schema_of(table: DeltaTable, columns: list[str] | tuple[str, ...] | None = N
     return pa.schema([schema.field(c) for c in columns])
 
 
-def read_table(table: DeltaTable, columns: list[str] | tuple[str, ...]) -> pa.Table:
-    """``columns`` of every row of the table's current snapshot (delta-rs applies deletion
-    vectors and column mapping), typed as the table's schema says."""
+def scan(table: DeltaTable, columns: list[str] | tuple[str, ...],
+         predicate: str | None = None) -> pa.RecordBatchReader:
+    """A stream of ``columns`` of the rows of the table's current snapshot that match the
+    SQL ``predicate`` (all rows without one), typed as the table's schema says; delta-rs
+    applies deletion vectors and column mapping. Batches are read as they are consumed,
+    so a caller that keeps few rows holds few in memory."""
     import pyarrow as pa
 
     target = schema_of(table, columns)
     # delta-rs yields string/binary views; asking for the table's own types returns the
     # types every other writer and reader here uses (and pyarrow < 18 cannot cast views).
-    return pa.RecordBatchReader.from_stream(table.scan(columns=list(columns)),
-                                            schema=target).read_all()
+    return pa.RecordBatchReader.from_stream(
+        table.scan(columns=list(columns), predicate=predicate), schema=target)
+
+
+def read_table(table: DeltaTable, columns: list[str] | tuple[str, ...],
+               predicate: str | None = None) -> pa.Table:
+    """:func:`scan`, read whole."""
+    return scan(table, columns, predicate).read_all()
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a SQL string literal for a :func:`scan` predicate."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def read_files(table: DeltaTable, paths: list[str], columns: list[str] | tuple[str, ...],

@@ -264,9 +264,13 @@ def _scan_instances(instances: Any, plans: list[_Plan]) -> pa.Table:
     import functools
     import operator
 
+    from dicomlake.catalog.snapshots import read_table
+
     where = functools.reduce(operator.or_, (plan.where() for plan in plans))
-    return instances.to_pyarrow_dataset().to_table(columns=list(INSTANCE_COLUMNS),
-                                                   filter=where)
+    # delta-rs scan, not to_pyarrow_dataset: the latter's filesystem handler aborts the
+    # process at exit now and then (delta-rs 1.6.6, "terminate called without an active
+    # exception"), which a CLI run would report as a crash
+    return read_table(instances, INSTANCE_COLUMNS).filter(where)
 
 
 def _aggregate(table: _Summary, rows: pa.Table) -> pa.Table:

@@ -40,6 +40,7 @@ from dicomlake.catalog.archives import Found
 from dicomlake.catalog.duplicates import find_duplicates
 from dicomlake.catalog.errors import ErrorKind, HeaderError
 from dicomlake.catalog.rows import Origin, error_row, instance_row
+from dicomlake.catalog.snapshots import FollowedTable, read_table, sql_string
 from dicomlake.catalog.summaries import catch_up, update_summaries
 from dicomlake.streaming import messages
 from dicomlake.streaming.commits import DeltaAppender
@@ -177,6 +178,7 @@ class LakeWriter:
         self._uids_version = -2
         self._book: Codebook | None = None
         self._book_version = -2
+        self._books = FollowedTable(tables.CODEBOOKS.path(self.warehouse))
 
     # -- tables -------------------------------------------------------------------------
     def path(self, table: str) -> Path:
@@ -202,7 +204,7 @@ class LakeWriter:
         table = self.appender.table(INSTANCES)
         if table.version() == self._uids_version:
             return
-        data = table.to_pyarrow_table(columns=["sop_instance_uid", "path", "source"])
+        data = read_table(table, ["sop_instance_uid", "path", "source"])
         self._uids = {u: (p, s) for u, p, s in zip(
             data.column("sop_instance_uid").to_pylist(), data.column("path").to_pylist(),
             data.column("source").to_pylist(), strict=True) if u is not None}
@@ -211,12 +213,9 @@ class LakeWriter:
     def codebook(self) -> Codebook | None:
         """The current codebook (re-read when ``dicom.codebooks`` changes); refuses one made
         for another model than the configured backend's, as batch ``embed`` would retrain."""
-        from deltalake import DeltaTable
-
         from dicomlake.udfs import features
 
-        path = str(tables.CODEBOOKS.path(self.warehouse))
-        version = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else -1
+        version = self._books.version()
         if version != self._book_version:
             book = features.current_codebook(self.warehouse)
             if book is not None:
@@ -400,13 +399,11 @@ class LakeWriter:
     def _catch_up(self, book: Codebook) -> None:
         """Encode stored embeddings that have no code of ``book`` (made before the first
         codebook existed, or when the job died between two commits)."""
-        import pyarrow.compute as pc
-
         from dicomlake.udfs.features import encode
 
-        emb = self.appender.table(EMBEDDINGS).to_pyarrow_table(
-            columns=["sop_instance_uid", "frame", "model_version", "embedding"])
-        emb = emb.filter(pc.equal(emb.column("model_version"), book.model_version))
+        emb = read_table(self.appender.table(EMBEDDINGS),
+                         ["sop_instance_uid", "frame", "embedding"],
+                         f"model_version = {sql_string(book.model_version)}")
         if emb.num_rows:
             self.counts[CODES] += self.store.write(self.store.missing(encode(emb, book)),
                                                    replace=False, operation="STREAM-CATCH-UP")

@@ -201,29 +201,35 @@ def training_vectors(warehouse: str | os.PathLike[str], info: model_mod.ModelInf
     Reads keys first and the vectors of the sampled rows only, so training on a large lake
     does not hold every embedding in memory.
     """
-    import pyarrow.dataset as ds
+    import pyarrow as pa
     from deltalake import DeltaTable
+
+    from dicomlake.catalog.snapshots import read_table, scan, schema_of, sql_string
 
     path = tables.EMBEDDINGS.path(warehouse)
     if not DeltaTable.is_deltatable(str(path)):
         return np.zeros((0, info.dim), np.float32)
-    data = DeltaTable(str(path)).to_pyarrow_dataset()
-    mine = ds.field("model_version") == info.version
-    keys = data.to_table(columns=["sop_instance_uid", "frame"], filter=mine)
+    table = DeltaTable(str(path))
+    mine = f"model_version = {sql_string(info.version)}"
+    keys = read_table(table, ["sop_instance_uid", "frame"], mine)
     if keys.num_rows == 0:
         return np.zeros((0, info.dim), np.float32)
-    rank = sample_rank(keys.column("sop_instance_uid").to_pylist(),
-                       keys.column("frame").to_pylist())
-    chosen = np.argsort(rank, kind="stable")[:sample]
-    uids = keys.column("sop_instance_uid").take(chosen).unique()
-    rows = data.to_table(columns=["sop_instance_uid", "frame", "embedding"],
-                         filter=mine & ds.field("sop_instance_uid").isin(uids))
-    order = {(keys.column("sop_instance_uid")[int(i)].as_py(),
-              keys.column("frame")[int(i)].as_py()): pos for pos, i in enumerate(chosen)}
-    found = [(order[k], i) for i, k in enumerate(zip(rows.column("sop_instance_uid").to_pylist(),
-                                                     rows.column("frame").to_pylist(),
-                                                     strict=True)) if k in order]
-    rows = rows.take([i for _, i in sorted(found)])  # in rank order: k-means sees one order
+    uids, frames = (keys.column("sop_instance_uid").to_pylist(),
+                    keys.column("frame").to_pylist())
+    chosen = np.argsort(sample_rank(uids, frames), kind="stable")[:sample]
+    order = {(uids[i], frames[i]): pos for pos, i in enumerate(chosen)}
+    columns = ["sop_instance_uid", "frame", "embedding"]
+    positions: list[int] = []
+    parts = []
+    for batch in scan(table, columns, mine):
+        keep = [(order[k], i) for i, k in enumerate(zip(
+            batch.column("sop_instance_uid").to_pylist(), batch.column("frame").to_pylist(),
+            strict=True)) if k in order]
+        if keep:
+            positions += [pos for pos, _ in keep]
+            parts.append(batch.take(pa.array([i for _, i in keep])))
+    rows = pa.Table.from_batches(parts, schema=schema_of(table, columns))
+    rows = rows.take(pa.array(np.argsort(positions, kind="stable")))  # rank order for k-means
     return vectors_of(rows)
 
 

@@ -148,6 +148,7 @@ def train(vectors: np.ndarray, *, m: int, nlist: int = 0, version: int = 1,
         km = faiss.Kmeans(dim, nlist, niter=20, seed=seed, verbose=False,
                           min_points_per_centroid=1)
         km.train(x)
+        assert km.centroids is not None  # train() sets them
         coarse = km.centroids.copy()
     return Codebook(version, model_id, model_version, centroids.astype(np.float32), coarse,
                     trained_on=n)
@@ -179,9 +180,12 @@ def latest(table_path: str | Path) -> Codebook | None:
     """The current (highest) codebook version, or None when none was trained yet."""
     from deltalake import DeltaTable
 
+    from dicomlake.catalog.snapshots import read_table, schema_of
+
     if not DeltaTable.is_deltatable(str(table_path)):
         return None
-    data = DeltaTable(str(table_path)).to_pyarrow_table()
+    table = DeltaTable(str(table_path))
+    data = read_table(table, schema_of(table).names)
     if data.num_rows == 0:
         return None
     versions = data.column("version").to_pylist()
