@@ -54,6 +54,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicomlake.catalog import tables
 from dicomlake.catalog.errors import DicomlakeError
 
 if TYPE_CHECKING:
@@ -74,9 +75,9 @@ __all__ = [
     "rotate_key",
 ]
 
-RAW_SCHEMA = "dicom"
+RAW_SCHEMA = tables.SCHEMA
 """Schema of the tables as ingested."""
-DEID_SCHEMA = "dicom_deid"
+DEID_SCHEMA = tables.DEID_SCHEMA
 """Schema of their de-identified twins (same table names)."""
 KEY_FILE = Path("sql") / "deid.key"
 """The pseudonymisation key, relative to the lake home."""

@@ -7,8 +7,11 @@ and Spark schemas and DDL are derived from it. The module imports only pyarrow (
 every interpreter can use it.
 
 ``keys`` are the columns that identify a row (what duplicate checks and incremental updates
-match on); ``phi`` marks tables that may hold protected health information (they get a
-``dicom_deid`` twin, see :mod:`dicomlake.catalog.deid`).
+match on); ``phi`` marks tables that may hold protected health information; ``has_twin``
+marks the tables with a de-identified twin in ``dicom_deid`` (:data:`TWINS`, written by
+:mod:`dicomlake.catalog.deid`, which decides per column what the twin keeps: identifiers
+are dropped, pseudonymised or generalised, so even tables without PHI of their own, such as
+``embeddings``, get a twin keyed by pseudonymous UIDs).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class TableSpec:
     _schema: Callable[[], pa.Schema]
     partition_by: tuple[str, ...] = ()
     database: str = SCHEMA
+    has_twin: bool = True
 
     @property
     def qualified(self) -> str:
@@ -65,7 +69,7 @@ class TableSpec:
     def twin(self) -> TableSpec:
         """The same table in the de-identified database (its columns are chosen by deid)."""
         return TableSpec(self.name, self.keys, False, f"De-identified twin of {self.qualified}.",
-                         self._schema, self.partition_by, DEID_SCHEMA)
+                         self._schema, self.partition_by, DEID_SCHEMA, has_twin=False)
 
 
 def _utc() -> pa.DataType:
@@ -232,11 +236,16 @@ PIXEL_ERRORS = TableSpec("pixel_errors", ("sop_instance_uid", "model_version"), 
 CODES = TableSpec("codes", ("sop_instance_uid", "frame", "codebook_version"), False,
                   "PQ codes of the embedded code store.", _codes)
 CODEBOOKS = TableSpec("codebooks", ("version",), False,
-                      "Every trained PQ codebook version; the newest is current.", _codebooks)
+                      "Every trained PQ codebook version; the newest is current (centroids "
+                      "only: every role reads it, so it has no twin).", _codebooks,
+                      has_twin=False)
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     INSTANCES, ERRORS, WARNINGS, SERIES, STUDIES, EMBEDDINGS, PIXEL_ERRORS, CODES, CODEBOOKS)}
 """Every table of the ``dicom`` database, by name."""
+
+TWINS: dict[str, TableSpec] = {t.name: t.twin() for t in TABLES.values() if t.has_twin}
+"""The de-identified twins (``dicom_deid.<name>``) analysts query, by name."""
 
 
 def spec(name: str) -> TableSpec:

@@ -27,31 +27,25 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from dicomlake.catalog import tables
 from dicomlake.udfs.errors import CodebookError
 from dicomlake.udfs.settings import CodeStoreKind, SimilaritySettings
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-CODES = "codes"
-"""Delta table name (schema ``dicom``) of the embedded store."""
+CODES = tables.CODES.name
+"""Table name (in the ``dicom`` database) of the embedded store."""
 CODE_COLUMNS = ("sop_instance_uid", "frame", "codebook_version", "list_id", "code")
 KEY_COLUMNS = ("sop_instance_uid", "frame", "codebook_version")
 """A code's identity: one code per image frame and codebook."""
-CODES_DDL = ("sop_instance_uid string, frame int, codebook_version int, list_id int, "
-             "code binary, thumbnail binary")
-"""What the encode function yields (the thumbnail only goes to stores that keep one)."""
 CHECKPOINT_EVERY = 100
 """Write a Delta checkpoint every this many versions of ``dicom.codes`` (readers that open
 the table replay the log from the newest checkpoint)."""
 
 def codes_schema() -> pa.Schema:
-    """The Arrow schema of :data:`CODE_COLUMNS`."""
-    import pyarrow as pa
-
-    return pa.schema([("sop_instance_uid", pa.string()), ("frame", pa.int32()),
-                      ("codebook_version", pa.int32()), ("list_id", pa.int32()),
-                      ("code", pa.binary())])
+    """The Arrow schema of :data:`CODE_COLUMNS` (``dicom.codes`` in the registry)."""
+    return tables.CODES.schema
 
 
 def empty_codes() -> pa.Table:
@@ -221,7 +215,7 @@ def open_store(warehouse_path: str | Path, similarity: SimilaritySettings) -> Co
         from dicomlake.udfs.hbase import HBaseCodeStore
 
         return HBaseCodeStore(similarity.hbase)
-    return DeltaCodeStore(Path(warehouse_path) / "dicom" / CODES)
+    return DeltaCodeStore(tables.CODES.path(warehouse_path))
 
 
 def check_versions(codes: pa.Table, version: int, store: str) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomlake.catalog import tables
 from dicomlake.catalog.snapshots import FollowedTable, TableRows, read_table, schema_of
 from dicomlake.udfs import pq
 from dicomlake.udfs.codestore import CODES, CodeStore, DeltaCodeStore, check_versions, open_store
@@ -94,7 +95,7 @@ class Searcher:
 
     def _book_path(self) -> Path:
         """Codebooks (centroids, no identifiers) live in ``dicom`` for every scope."""
-        return self.warehouse / "dicom" / pq.CODEBOOKS
+        return tables.CODEBOOKS.path(self.warehouse)
 
     def refresh(self) -> None:
         """Reload the codebook, codes and exact vectors if any of them changed."""

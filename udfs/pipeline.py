@@ -24,8 +24,13 @@ from dicomlake.catalog.delta import (
 from dicomlake.catalog.warehouse import Warehouse
 from dicomlake.udfs import features, pq
 from dicomlake.udfs import model as model_mod
-from dicomlake.udfs.codestore import CODES, CODES_DDL, open_store
-from dicomlake.udfs.embeddings import embed_batches, embed_output_schema, encode_batches
+from dicomlake.udfs.codestore import CODES, open_store
+from dicomlake.udfs.embeddings import (
+    codes_schema,
+    embed_batches,
+    embed_output_schema,
+    encode_batches,
+)
 from dicomlake.udfs.errors import CodebookError
 from dicomlake.udfs.settings import SimilaritySettings
 
@@ -155,7 +160,7 @@ def encode_codes(spark: SparkSession, settings: Settings, similarity: Similarity
         everything = current.num_rows != stored.num_rows
         if everything:
             emb = _embeddings_frame(spark, warehouse, book.model_version)
-    codes = emb.mapInArrow(encode_batches(book), CODES_DDL).select(*store.columns)
+    codes = emb.mapInArrow(encode_batches(book), codes_schema()).select(*store.columns)
     # The stores take Arrow (the stream writes through them too): the codes (and the
     # thumbnails, for a store that keeps them) come to the driver and go in one write.
     written = store.write(codes.toArrow(), replace=everything)
