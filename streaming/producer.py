@@ -101,7 +101,7 @@ class _InputBytes:
             return False
         try:
             tf = tarfile.open(path, "r:*")
-        except tarfile.TarError:  # a compressed single file (x.dcm.gz) is no tar
+        except Exception:  # a compressed single file (x.dcm.gz) is no tar: read_input
             return False
         seen: set[str] = set()
         try:

@@ -5,6 +5,7 @@ and a browser upload takes the stream when the stream job runs (else the batch f
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import subprocess
@@ -131,22 +132,24 @@ def test_tar_members_damaged_and_other_members_are_counted(lake, tmp_path):
     from dicomlake.streaming.producer import Uploader
 
     settings, stream, bootstrap = lake
-    a, b = _images(2)
+    a, b, c, d = _images(4)
+    inner = _zip(tmp_path / "inner.zip", {"c.dcm": c})
     archive = _tar(tmp_path / "export.tgz", {
         "study/a.dcm": a, "study/series/b": b, "study/notes.txt": b"hello\n" * 100,
-        "study/cut.dcm": a[:300]})
+        "study/cut.dcm": a[:300], "study/inner.zip": inner.read_bytes(),
+        "study/d.dcm.gz": gzip.compress(d)})
     topic = Topic(bootstrap, stream)
     with Uploader(settings, stream) as up:
         results = _by_name(up.upload([archive], relative_to=tmp_path))
 
-    assert {n for n, r in results.items() if r.ok} == {"export.tgz!/study/a.dcm",
-                                                       "export.tgz!/study/series/b"}
+    sent = {"export.tgz!/study/a.dcm": a, "export.tgz!/study/series/b": b,
+            "export.tgz!/study/inner.zip!/c.dcm": c, "export.tgz!/study/d.dcm.gz": d}
+    assert {n for n, r in results.items() if r.ok} == set(sent)
     assert results["export.tgz!/study/notes.txt"].kind == "not_dicom"
     cut = results["export.tgz!/study/cut.dcm"]
     assert cut.rejected and cut.kind in {"truncated", "bad_header"} and cut.error
-    records = topic.records(2)
-    assert {n: v for n, (v, _) in records.items()} == {"export.tgz!/study/a.dcm": a,
-                                                        "export.tgz!/study/series/b": b}
+    records = topic.records(len(sent))
+    assert {n: v for n, (v, _) in records.items()} == sent
 
 
 def test_cli_upload_reports_what_was_not_sent(lake, tmp_path):
