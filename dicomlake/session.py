@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from dicomlake.config import Settings, load_settings
+from dicomlake.errors import DicomlakeError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -21,48 +22,111 @@ if TYPE_CHECKING:
 SESSION_HOOKS = ("dicomlake.catalog:register_data_sources", "dicomlake.udfs:register_functions")
 """``module:function`` called with every new session (data sources, UDFs, UDTFs), in order."""
 
+_SESSION_DEFAULTS = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+"""Per-session SQL settings: set in every session, Spark Connect's included."""
+
+_CLASSIC_DEFAULTS = {
+    "spark.ui.showConsoleProgress": "false",
+    "spark.python.worker.reuse": "true",
+}
+"""Set when this process starts the Spark driver (a Connect server keeps its own)."""
+
 _LOCAL_DEFAULTS = {
     # Small data on a small machine: 200 shuffle partitions would mostly schedule empty tasks.
     "spark.sql.shuffle.partitions": "8",
-    "spark.sql.session.timeZone": "UTC",
     "spark.ui.enabled": "false",
-    "spark.ui.showConsoleProgress": "false",
-    "spark.python.worker.reuse": "true",
-    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    # Embedded means loopback only. A cluster's executors must reach the driver, so these
+    # (and SPARK_LOCAL_IP) are left to the user's network for spark://, k8s:// and yarn.
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
 }
+"""Added for ``local`` masters only."""
+
+CLASSIC_MASTERS = "local, spark://, k8s:// or yarn"
+"""What ``spark.master`` must be for the commands that need a classic session."""
+
+
+class ClassicSessionRequiredError(DicomlakeError, RuntimeError):
+    """A command needs a classic Spark session, and this one is Spark Connect (``sc://``).
+
+    Raised before any work starts, so a Connect user learns which setting to change instead
+    of meeting pyspark's ``JVM_ATTRIBUTE_NOT_SUPPORTED`` half-way through.
+    """
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """True for a Spark Connect session: no JVM and no ``SparkContext`` in this process."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def require_classic(spark: SparkSession, what: str) -> None:
+    """Fail with :class:`ClassicSessionRequiredError` when ``spark`` is a Connect session.
+
+    ``what`` names the command or feature for the message, e.g. ``"dicomlake serve"``.
+    """
+    if is_connect(spark):
+        raise ClassicSessionRequiredError(
+            f"{what} needs a classic Spark session: it uses the SparkContext/JVM of this "
+            f"process, which a Spark Connect (sc://) session does not have. Set spark.master "
+            f"(or DICOMLAKE_SPARK_MASTER) to {CLASSIC_MASTERS}; see 'Clusters and Spark "
+            f"Connect' in the README for what runs over sc://")
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """How many tasks keep every core busy, asked of Spark the same way on both kinds of
+    session.
+
+    ``spark.default.parallelism`` wins when configured. A classic session knows its cores
+    (``SparkContext.defaultParallelism``); a Connect client does not, so it asks the server:
+    ``range`` without a partition count is split into exactly that many partitions (a job
+    of empty tasks, well under a second).
+    """
+    configured = spark.conf.get("spark.default.parallelism", None)
+    if configured:
+        return int(configured)
+    if not is_connect(spark):
+        return spark.sparkContext.defaultParallelism
+    row = spark.sql("SELECT count(DISTINCT spark_partition_id()) AS n FROM range(1048576)").first()
+    assert row is not None
+    return max(1, int(row["n"]))
 
 
 def build_session(settings: Settings | None = None, *, app_name: str = "dicomlake") -> SparkSession:
     """Start (or reuse) the Spark session and register the dicomlake catalog in it.
 
-    Workers must run this interpreter (it has pyarrow and pydicom), and embedded servers bind
-    loopback only, so both are set here before the JVM starts.
+    Workers must run this interpreter (it has pyarrow and pydicom), and a ``local`` driver
+    binds loopback only, so both are set here before the JVM starts. ``sc://`` builds a Spark
+    Connect client: the server's JVM keeps its own static settings (memory, warehouse dir),
+    and the lake's paths must mean the same files on the server (a shared disk).
     """
     settings = settings or load_settings()
+    master = settings.spark.master
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
     from pyspark.sql import SparkSession
 
-    master = settings.spark.master
     if master.startswith("sc://"):
-        builder = SparkSession.builder.remote(master)
+        # The server owns the JVM: its warehouse dir, memory and defaults are static there.
+        builder = SparkSession.builder.remote(master).appName(app_name)
+        defaults = dict(_SESSION_DEFAULTS)
     else:
-        builder = SparkSession.builder.master(master).config(
-            "spark.driver.memory", settings.spark.driver_memory
-        )
-        for key, value in _LOCAL_DEFAULTS.items():
-            builder = builder.config(key, value)
-    builder = builder.appName(app_name).config(
-        "spark.sql.warehouse.dir", str(settings.home / "spark-warehouse")
-    )
+        builder = (SparkSession.builder.master(master).appName(app_name)
+                   .config("spark.driver.memory", settings.spark.driver_memory)
+                   .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse")))
+        defaults = {**_SESSION_DEFAULTS, **_CLASSIC_DEFAULTS,
+                    **(_LOCAL_DEFAULTS if master.startswith("local") else {})}
+    for key, value in defaults.items():
+        builder = builder.config(key, value)
     for key, value in settings.spark.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    if not master.startswith("sc://"):
+    if not is_connect(spark):
         spark.sparkContext.setLogLevel("ERROR")
 
     for hook in SESSION_HOOKS:

@@ -22,6 +22,7 @@ from dicomlake.catalog.delta import (
     write_files,
 )
 from dicomlake.catalog.warehouse import Warehouse
+from dicomlake.session import default_parallelism
 from dicomlake.udfs import features, pq
 from dicomlake.udfs import model as model_mod
 from dicomlake.udfs.codestore import CODES, open_store
@@ -101,7 +102,7 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
         on_plan(count)
     if count == 0:
         return 0, 0, 0
-    parallel = spark.sparkContext.defaultParallelism
+    parallel = default_parallelism(spark)
     todo = todo.repartition(max(parallel, min(count // 64, 4 * parallel)))
     rows = todo.mapInArrow(embed_batches(str(settings.home), similarity.batch_size,
                                          similarity.backend.value),
