@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from dicomlake.catalog import tables
+
 
 def clustered(n: int, dim: int, *, seed: int = 0, clusters: int = 2000) -> np.ndarray:
     """Vectors around ``clusters`` centres (a fair stand-in for CNN features)."""
@@ -45,18 +47,18 @@ def _write_lake(root: Path, book: Any, x: np.ndarray, codes: np.ndarray) -> list
     frames = pa.array(np.zeros(n, np.int32))
     emb = pa.ListArray.from_arrays(pa.array(np.arange(0, n * dim + 1, dim, dtype=np.int32)),
                                    pa.array(x.ravel()))
-    write_deltalake(str(root / "dicom" / "embeddings"), pa.table({
+    write_deltalake(str(tables.EMBEDDINGS.path(root)), pa.table({
         "sop_instance_uid": ids, "frame": frames, "embedding": emb,
         "model_id": ["synthetic"] * n, "model_version": ["synthetic"] * n,
         "embedded_at": pa.array([dt.datetime.now(dt.UTC)] * n, pa.timestamp("us", tz="UTC")),
     }))
-    write_deltalake(str(root / "dicom" / "codes"), pa.table({
+    write_deltalake(str(tables.CODES.path(root)), pa.table({
         "sop_instance_uid": ids, "frame": frames,
         "codebook_version": pa.array(np.full(n, book.version, np.int32)),
         "list_id": pa.array(np.zeros(n, np.int32)),
         "code": pa.array([c.tobytes() for c in codes], pa.binary()),
     }))
-    pq.save(root / "dicom" / pq.CODEBOOKS, book)
+    pq.save(tables.CODEBOOKS.path(root), book)
     return ids
 
 

@@ -33,8 +33,11 @@ def _uid(data: bytes) -> str:
 def _column(settings: Any, table: str, column: str) -> list[Any]:
     from deltalake import DeltaTable
 
-    path = settings.warehouse_path / "dicom" / table
-    return DeltaTable(str(path)).to_pyarrow_table(columns=[column]).column(column).to_pylist()
+    from dicomlake.catalog import tables
+    from dicomlake.catalog.snapshots import read_table
+
+    path = tables.spec(table).path(settings.warehouse_path)
+    return read_table(DeltaTable(str(path)), [column]).column(column).to_pylist()
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -17,12 +17,13 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from dicomlake.catalog import tables
 from dicomlake.errors import DicomlakeError
 from dicomlake.extension.identities import Connection
 
 CATALOG = "dicomlake"
 """The lake's catalog name at the endpoint."""
-DEFAULT_SCHEMA = "dicom"
+DEFAULT_SCHEMA = tables.SCHEMA
 SOURCE = "dicomlake-jupyterlab"
 """``X-Trino-Source``: lets the audit log tell sidebar queries from other clients."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dicomlake.catalog import tables
 from dicomlake.udfs.errors import KnnError
 
 
@@ -103,7 +104,7 @@ def _array(values: list[Any]) -> Any:
 
 
 def parse_filter(text: str, columns: Mapping[str, Any] | set[str],
-                 table: str = "dicom.instances") -> tuple[Any, set[str]]:
+                 table: str = tables.INSTANCES.qualified) -> tuple[Any, set[str]]:
     """(pyarrow expression, referenced columns) for a Spark SQL predicate over ``table``.
 
     ``columns`` maps the table's column names to their Arrow types (literals compared with a
