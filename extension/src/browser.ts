@@ -346,9 +346,12 @@ export class DatasetBrowser extends Widget {
       this._say(`upload failed: ${errorMessage(error)}`, true);
       return;
     }
-    this._logStatement('upload: ingest and embed (command on the server)', job.command);
+    const streamed = job.path === 'stream';
+    if (!streamed) {
+      this._logStatement('upload: ingest and embed (command on the server)', job.command);
+    }
     while (job.state === 'RUNNING') {
-      this._say(`ingesting ${job.files.length} file(s)… ${job.elapsedSeconds} s`);
+      this._say(`${streamed ? 'sending' : 'ingesting'} ${job.files.length} file(s)… ${job.elapsedSeconds} s`);
       await new Promise(resolve => setTimeout(resolve, 2000));
       job = await this._client.uploadStatus(job.id);
     }
@@ -362,6 +365,13 @@ export class DatasetBrowser extends Widget {
     const summary: IUploadSummary = job.summary ?? {};
     const count = job.check?.records[0];
     await this.search();
+    if (streamed) {
+      const kinds = Object.entries(summary.not_sent_kinds ?? {}).map(([k, n]) => `${n} ${k}`);
+      this._say(`sent ${summary.sent ?? 0} image(s) to the upload stream` +
+        (kinds.length ? `; not sent: ${kinds.join(', ')}` : '') +
+        '; the stream job adds them to the lake within seconds (search again to see them)');
+      return;
+    }
     this._say(`upload ingested: ${summary.rows_written ?? 0} images written, ${summary.errors_recorded ?? 0} errors, ${summary.embedded ?? 0} embedded` +
       (count ? `; the lake now has ${count.instances} images in ${count.series} series from this upload` : '') +
       (summary.embed_error ? ` (embedding: ${summary.embed_error})` : ''));

@@ -84,10 +84,22 @@ export interface IFilters {
   text?: string;
 }
 
-/** An upload and the ingest that follows it. */
+/** One input of an upload sent to the stream: sent, not sent (with why) or failed. */
+export interface IUploadDelivery {
+  name: string;
+  status: 'sent' | 'not_sent' | 'failed';
+  kind: string | null;
+  error: string | null;
+}
+
+/** An upload and what takes it into the lake: the upload stream, or batch ingest. */
 export interface IUploadJob {
   id: string;
   state: 'RUNNING' | 'FINISHED' | 'FAILED';
+  /** `stream` while the stream job runs; `batch` (ingest + embed on the server) otherwise. */
+  path: 'stream' | 'batch';
+  pathReason: string;
+  deliveries: IUploadDelivery[];
   folder: string;
   files: string[];
   command: string;
@@ -98,8 +110,13 @@ export interface IUploadJob {
   check?: IBrowseResult<{ instances: number; series: number }>;
 }
 
-/** The ingest's JSON summary of an upload; only the counts the browser shows are typed. */
+/** An upload's summary (the batch ingest's, or the stream's delivery counts); only the
+ * counts the browser shows are typed. */
 export interface IUploadSummary {
+  sent?: number;
+  not_sent?: number;
+  not_sent_kinds?: Record<string, number>;
+  failed?: number;
   rows_written?: number;
   errors_recorded?: number;
   embedded?: number;
