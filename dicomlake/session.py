@@ -14,7 +14,6 @@ import sys
 from typing import TYPE_CHECKING
 
 from dicomlake.config import Settings, load_settings
-from dicomlake.errors import DicomlakeError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -45,34 +44,10 @@ _LOCAL_DEFAULTS = {
 }
 """Added for ``local`` masters only."""
 
-CLASSIC_MASTERS = "local, spark://, k8s:// or yarn"
-"""What ``spark.master`` must be for the commands that need a classic session."""
-
-
-class ClassicSessionRequiredError(DicomlakeError, RuntimeError):
-    """A command needs a classic Spark session, and this one is Spark Connect (``sc://``).
-
-    Raised before any work starts, so a Connect user learns which setting to change instead
-    of meeting pyspark's ``JVM_ATTRIBUTE_NOT_SUPPORTED`` half-way through.
-    """
-
 
 def is_connect(spark: SparkSession) -> bool:
     """True for a Spark Connect session: no JVM and no ``SparkContext`` in this process."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
-
-
-def require_classic(spark: SparkSession, what: str) -> None:
-    """Fail with :class:`ClassicSessionRequiredError` when ``spark`` is a Connect session.
-
-    ``what`` names the command or feature for the message, e.g. ``"dicomlake serve"``.
-    """
-    if is_connect(spark):
-        raise ClassicSessionRequiredError(
-            f"{what} needs a classic Spark session: it uses the SparkContext/JVM of this "
-            f"process, which a Spark Connect (sc://) session does not have. Set spark.master "
-            f"(or DICOMLAKE_SPARK_MASTER) to {CLASSIC_MASTERS}; see 'Clusters and Spark "
-            f"Connect' in the README for what runs over sc://")
 
 
 def default_parallelism(spark: SparkSession) -> int:
@@ -81,15 +56,16 @@ def default_parallelism(spark: SparkSession) -> int:
 
     ``spark.default.parallelism`` wins when configured. A classic session knows its cores
     (``SparkContext.defaultParallelism``); a Connect client does not, so it asks the server:
-    ``range`` without a partition count is split into exactly that many partitions (a job
-    of empty tasks, well under a second).
+    ``range`` without a partition count is split into exactly that many partitions (a job of
+    empty tasks, a second or so).
     """
     configured = spark.conf.get("spark.default.parallelism", None)
     if configured:
         return int(configured)
     if not is_connect(spark):
         return spark.sparkContext.defaultParallelism
-    row = spark.sql("SELECT count(DISTINCT spark_partition_id()) AS n FROM range(1048576)").first()
+    row = spark.sql("SELECT max(p) + 1 AS n FROM "
+                    "(SELECT spark_partition_id() AS p FROM range(65536))").first()
     assert row is not None
     return max(1, int(row["n"]))
 

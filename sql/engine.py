@@ -10,6 +10,10 @@ workers reading Delta files are stopped, and the result iterator fails at once.
 Results stream partition by partition as Arrow batches (``toArrowBatchRdd`` served through
 Spark's local-iterator socket): the driver holds one partition, not the whole result, and
 converting Arrow columns is ~10x faster than Spark's row-by-row ``toLocalIterator``.
+
+Over Spark Connect (``sc://``) there is no SparkContext in this process: a query is tagged
+(``addTag``) and cancelled with ``interruptTag``, results arrive as the server's Arrow batches
+(``toArrow``, at most ``row_limit + 1`` rows), and Spark job statuses are not reported.
 """
 
 from __future__ import annotations
@@ -155,8 +159,11 @@ class SparkEngine:
     """Runs Spark SQL for the service, each statement in its role's session."""
 
     def __init__(self, sessions: RoleSessions) -> None:
+        from dicomlake.session import is_connect
+
         self.sessions = sessions
         self.spark = sessions.admin()
+        self.connect = is_connect(self.spark)
 
     def _arrow_ready(self, df: DataFrame) -> DataFrame:
         from pyspark.sql import functions as F
@@ -175,8 +182,11 @@ class SparkEngine:
         ``row_limit`` makes Spark stop after that many rows (+1, so the caller can tell the
         result was cut), which keeps a runaway ``SELECT *`` from computing everything.
         """
-        sc = self.spark.sparkContext
-        sc.setJobGroup(group, description[:200], interruptOnCancel=True)
+        if self.connect:
+            self.spark.addTag(group)
+        else:
+            self.spark.sparkContext.setJobGroup(group, description[:200],
+                                                interruptOnCancel=True)
         df = self.sessions.get(role).dataframe(sql)
         if rename and any(old in df.columns for old in rename):
             df = df.withColumnsRenamed({old: new for old, new in rename.items()
@@ -207,8 +217,10 @@ class SparkEngine:
         limited = df if row_limit is None else df.limit(row_limit + 1)
         return ResultStream(columns, self._batches(limited))
 
-    @staticmethod
-    def _is_local(df: DataFrame) -> bool:
+    def _is_local(self, df: DataFrame) -> bool:
+        """Answered without a Spark job? (Unknown over Connect, which shows no plan object.)"""
+        if self.connect:
+            return False
         plan = df._jdf.queryExecution().optimizedPlan()
         return str(plan.getClass().getSimpleName()) in ("LocalRelation", "OneRowRelation")
 
@@ -218,6 +230,9 @@ class SparkEngine:
         from pyspark.sql.pandas.types import to_arrow_schema
         from pyspark.util import _local_iterator_from_socket
 
+        if self.connect:
+            yield from df.toArrow().to_batches()
+            return
         timezone = self.spark.conf.get("spark.sql.session.timeZone") or "UTC"
         schema = to_arrow_schema(df.schema, timezone=timezone)
         jvm = self.spark.sparkContext._jvm
@@ -233,7 +248,10 @@ class SparkEngine:
         return [(f.name, f.dataType) for f in df.schema.fields]
 
     def job_statuses(self, group: str) -> list[str]:
-        """Statuses (RUNNING, SUCCEEDED, FAILED, ...) of the Spark jobs of a job group."""
+        """Statuses (RUNNING, SUCCEEDED, FAILED, ...) of the Spark jobs of a job group (none
+        over Connect, whose client sees no status tracker)."""
+        if self.connect:
+            return []
         tracker = self.spark.sparkContext.statusTracker()
         statuses = []
         for job_id in tracker.getJobIdsForGroup(group):
@@ -244,10 +262,16 @@ class SparkEngine:
 
     def cancel(self, group: str) -> None:
         """Cancel every job of a job group (safe if it has none)."""
-        self.spark.sparkContext.cancelJobGroup(group)
+        if self.connect:
+            self.spark.interruptTag(group)
+        else:
+            self.spark.sparkContext.cancelJobGroup(group)
 
     def clear_group(self) -> None:
         """Forget this thread's job group so later work is not cancelled with it."""
+        if self.connect:
+            self.spark.clearTags()
+            return
         self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
         self.spark.sparkContext.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
         self.spark.sparkContext.setLocalProperty("spark.job.interruptOnCancel", None)  # type: ignore[arg-type]
