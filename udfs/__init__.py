@@ -57,10 +57,17 @@ __all__ = [
 
 
 def _session_settings(spark: SparkSession) -> Settings:
-    """The settings a session was built with: its home is the warehouse dir's parent."""
+    """The settings a session was built with: its home is the warehouse dir's parent.
+
+    A Spark Connect server's warehouse dir is its own, not this lake's: there the settings
+    come from the config file and environment, as :func:`dicomlake.config.load_settings` reads.
+    """
     from dicomlake.config import Settings, load_settings
+    from dicomlake.session import is_connect
 
     loaded = load_settings()
+    if is_connect(spark):
+        return loaded
     conf = spark.conf.get("spark.sql.warehouse.dir", None) or ""
     conf = conf.removeprefix("file:").removeprefix("//")
     if conf and Path(conf).name == "spark-warehouse" and Path(conf).parent != loaded.home:
