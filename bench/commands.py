@@ -7,8 +7,6 @@ import json
 
 import click
 
-from dicomlake.bench import ingest as ingest_bench
-
 
 def emit(result: dict[str, object], as_json: bool) -> None:
     """Print a benchmark result: one JSON object, or aligned ``key: value`` lines."""
@@ -26,14 +24,66 @@ def bench() -> None:
     """Run a benchmark (each compares with a baseline in the same run)."""
 
 
-@bench.command("ingest")
-@click.option("--files", default=2000, show_default=True, help="DICOM files in the sample.")
-@click.option("--files-per-archive", default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def ingest_cmd(files: int, files_per_archive: int, as_json: bool) -> None:
-    """Header reading through Spark vs the zipdcm and unzip-to-temp methods."""
-    emit(ingest_bench.run(files=files, files_per_archive=files_per_archive), as_json)
+def _sizes(raw: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) <= 0:
+        raise click.BadParameter(f"{raw!r}: give positive file counts, e.g. 1000,10000")
+    return sizes
 
+
+@bench.command("ingest")
+@click.option("--sizes", default="1000,10000", show_default=True,
+              help="Files per end-to-end run, comma-separated (two or more sizes).")
+@click.option("--files-per-archive", default=76, show_default=True,
+              help="Members per ZIP (the seed's archives hold ~76).")
+@click.option("--pixels", default=512, show_default=True, help="Image rows and columns.")
+@click.option("--rounds", default=1, show_default=True,
+              help="Fresh runs per size and reader; the best is kept.")
+@click.option("--no-read", is_flag=True, help="Skip the read-only (noop sink) comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def ingest_cmd(sizes: str, files_per_archive: int, pixels: int, rounds: int, no_read: bool,
+               as_json: bool) -> None:
+    """`dicomlake ingest` end to end vs the zipdcm method with the same writer, and the
+    header read alone vs the zipdcm and unzip-to-temp methods."""
+    from dicomlake.bench import ingest as ingest_bench
+
+    emit(ingest_bench.run(sizes=_sizes(sizes), files_per_archive=files_per_archive,
+                          pixels=pixels, rounds=rounds, read=not no_read), as_json)
+
+
+@bench.command("zipdcm-ingest", hidden=True)
+@click.argument("paths", nargs=-1, required=True)
+def zipdcm_ingest_cmd(paths: tuple[str, ...]) -> None:
+    """Benchmark only: `dicomlake ingest` with the zipdcm method as its reader (used by
+    `bench ingest` for the end-to-end comparison; see dicomlake/bench/ingest.py)."""
+    from dicomlake.bench import ingest as ingest_bench
+
+    ingest_bench.zipdcm_ingest(paths)
+
+
+@bench.command("scale")
+@click.option("--sizes", default="1000,10000", show_default=True,
+              help="Files per fresh-lake run, comma-separated (two or more sizes).")
+@click.option("--with-100k", is_flag=True, help="Add a 100,000-file size (long).")
+@click.option("--append", "append_files", default=1000, show_default=True,
+              help="Files appended to the largest lake and to an empty one.")
+@click.option("--files-per-archive", default=76, show_default=True,
+              help="Members per ZIP (the seed's archives hold ~76).")
+@click.option("--pixels", default=64, show_default=True,
+              help="Image rows and columns (small: the header work is what counts).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def scale_cmd(sizes: str, with_100k: bool, append_files: int, files_per_archive: int,
+              pixels: int, as_json: bool) -> None:
+    """How ingest cost grows with the files and with the lake: growth exponent, no-op
+    re-ingest, append into a large lake vs an empty one."""
+    from dicomlake.bench import scale as scale_bench
+
+    chosen = _sizes(sizes) + ((100_000,) if with_100k else ())
+    emit(scale_bench.run(sizes=chosen, append_files=append_files,
+                         files_per_archive=files_per_archive, pixels=pixels), as_json)
 
 
 @bench.command("knn")
