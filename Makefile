@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[all,test]"
 	touch $@
 
-.PHONY: install demo test lint chromium
+.PHONY: install demo test lint typecheck chromium
 install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed chromium
 
 # The streaming job's own interpreter: apache-flink pins pyarrow<17 (through apache-beam),
@@ -46,8 +46,18 @@ chromium:
 demo: install
 	$(BIN)/dicomlake demo
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check .
+	npm run lint
+
+# mypy cannot follow the editable install's finder (dicomlake.catalog -> catalog/ and so on,
+# pyproject's package-dir), so it checks a tree of symlinks laid out as the installed package
+typecheck: install
+	rm -rf build/typecheck && mkdir -p build/typecheck/dicomlake
+	ln -s $(CURDIR)/dicomlake/* build/typecheck/dicomlake/
+	for p in catalog udfs sql streaming extension bench; do \
+		ln -s $(CURDIR)/$$p build/typecheck/dicomlake/$$p; done
+	$(BIN)/mypy build/typecheck/dicomlake
 
 test: lint
 	$(BIN)/pytest -m "slow or not slow"  # everything; plain `pytest` runs the fast tests only

@@ -209,7 +209,7 @@ def _set_meta(ds: Dataset, transfer_syntax: str) -> None:
     old = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta = FileMetaDataset()
     sop_class = ds.get("SOPClassUID") or old.get("MediaStorageSOPClassUID")
-    meta.MediaStorageSOPClassUID = sop_class or "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPClassUID = UID(sop_class or "1.2.840.10008.5.1.4.1.1.7")
     meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or generate_uid(
         entropy_srcs=["dicomlake-realworld"]
     )

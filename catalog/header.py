@@ -26,8 +26,10 @@ import orjson
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import ReadableBuffer
 from pydicom.tag import BaseTag
 
 from dicomlake.catalog.errors import ErrorKind, HeaderError
@@ -221,8 +223,8 @@ def _dataset_to_json(ds: Dataset, ctx: _Context) -> dict[str, Any]:
     if isinstance(encodings, str):
         encodings = [encodings]
     out: dict[str, Any] = {}
-    for tag, raw in ds._dict.items():
-        tag = int(tag)
+    for key, raw in ds._dict.items():
+        tag = int(key)
         raw_vr = raw.VR
         if raw_vr == "UN" and _dictionary_vr(tag) != "UN":
             raw_vr = None  # a known element written as UN: use its real VR, as the fast path
@@ -239,7 +241,7 @@ def _dataset_to_json(ds: Dataset, ctx: _Context) -> dict[str, Any]:
                 element["Value"] = [_dataset_to_json(item, ctx) for item in items]
             out[f"{tag:08X}"] = element
             continue
-        if getattr(raw, "is_raw", False):
+        if isinstance(raw, RawDataElement):
             out[f"{tag:08X}"] = _decode(tag, vr, raw.value or b"", raw.length, raw.value_tell,
                                         raw.is_little_endian, encodings, ctx)
         else:  # pydicom already decoded it while reading (e.g. SpecificCharacterSet)
@@ -381,7 +383,7 @@ def read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool
                         has_preamble=has_preamble)
 
 
-def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: bool) -> Header:
+def _read_header(fp: ReadableBuffer, *, uri: str, size: int | None, has_preamble: bool) -> Header:
     try:
         ds = dcmread(fp, stop_before_pixels=True, force=not has_preamble)
     except InvalidDicomError as exc:
@@ -401,8 +403,9 @@ def _read_header(fp: IO[bytes], *, uri: str, size: int | None, has_preamble: boo
 
     pixel_representation = 0
     raw_pr = ds._dict.get(BaseTag(0x00280103))
-    if raw_pr is not None and getattr(raw_pr, "is_raw", False) and len(raw_pr.value or b"") == 2:
-        pixel_representation = struct.unpack("<H" if little else ">H", raw_pr.value)[0]
+    pr_bytes = raw_pr.value if isinstance(raw_pr, RawDataElement) else None
+    if pr_bytes is not None and len(pr_bytes) == 2:
+        pixel_representation = struct.unpack("<H" if little else ">H", pr_bytes)[0]
     ctx = _Context(uri=uri, pixel_representation=pixel_representation)
     meta = _dataset_to_json(ds, ctx)
 
@@ -428,7 +431,7 @@ def _end_of_last_element(ds: Dataset) -> int | None:
     if not ds._dict:
         return None
     last = ds._dict[max(ds._dict)]
-    if not getattr(last, "is_raw", False) or last.length == 0xFFFFFFFF:
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
         return None
     return int(last.value_tell) + int(last.length)
 

@@ -162,8 +162,8 @@ def run_lab(settings: Settings, *, sql_port: int = 8080, lab_port: int = 8888,
         while not stop.wait(0.5):
             ended = [child for child in children if child.poll() is not None]
             if ended:
-                click.echo(f"{ended[0].args[1]} exited with code {ended[0].returncode}; "
-                           "stopping", err=True)
+                name = "jupyter lab" if ended[0] is lab else "dicomlake serve"
+                click.echo(f"{name} exited with code {ended[0].returncode}; stopping", err=True)
                 return ended[0].returncode or 1
         return 0
     finally:

@@ -345,8 +345,9 @@ class LakeCatalog:
             return ([(CATALOG, s) for s in lake_schemas]
                     + [(SYSTEM_CATALOG, s) for s in system_schemas])
         if kind == "tables":
-            rows = [(CATALOG, t.schema, t.name, "VIEW" if t.is_view else "BASE TABLE")
-                    for t in tables]
+            rows: list[tuple[Any, ...]] = [
+                (CATALOG, t.schema, t.name, "VIEW" if t.is_view else "BASE TABLE")
+                for t in tables]
             return rows + [(SYSTEM_CATALOG, s, t, "BASE TABLE") for s, t in system_tables]
         if kind == "columns":
             return [(CATALOG, t.schema, t.name, c.name, i, None,

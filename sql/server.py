@@ -118,7 +118,7 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     """Headers and body go out in separate writes; with Nagle on, the body waits for the
     client's delayed ACK of the headers (40 ms on Linux), which dominated small queries."""
-    server: _HttpServer  # type: ignore[assignment]
+    server: _HttpServer
     server_version = "dicomlake-sql"
 
     def setup(self) -> None:
@@ -284,7 +284,9 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
                         user=principal.name)
             return
         try:
-            session = ClientSession.from_headers(self.headers)
+            # the headers' case-insensitive get() is all from_headers uses; a Message is no
+            # Mapping, and a dict of it would make the lookup case-sensitive
+            session = ClientSession.from_headers(self.headers)  # type: ignore[arg-type]
         except QueryError as exc:
             self._error(400, exc.message, user=principal.name, error=exc.to_json())
             return
@@ -424,6 +426,7 @@ class SqlServer:
         """The bound address."""
         assert self._http is not None
         host, port = self._http.server_address[:2]
+        assert isinstance(host, str)  # an IP address; bytes are only for AF_UNIX paths
         return f"{self.config.scheme}://{host}:{port}"
 
     @property

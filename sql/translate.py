@@ -104,7 +104,7 @@ def _lit(value: str) -> str:
     return exp.Literal.string(value).sql("spark")
 
 
-def _position(sql: str, node: exp.Expression | None) -> tuple[int | None, int | None]:
+def _position(sql: str, node: exp.Expr | None) -> tuple[int | None, int | None]:
     """1-based line and column of ``node`` in ``sql`` (from sqlglot's token positions)."""
     if node is None:
         return None, None
@@ -122,10 +122,10 @@ def _position(sql: str, node: exp.Expression | None) -> tuple[int | None, int | 
     return line, column
 
 
-def _first_position(sql: str, parts: list[exp.Expression]) -> tuple[int | None, int | None]:
+def _first_position(sql: str, parts: list[exp.Expr]) -> tuple[int | None, int | None]:
     """Position of the earliest of several identifiers (a qualified name's start)."""
     found = [p for p in (_position(sql, part) for part in parts) if p[0] is not None]
-    return min(found, default=(None, None))  # type: ignore[type-var]
+    return min(found, default=(None, None))
 
 
 def locate_name(sql: str, name: str) -> tuple[int | None, int | None]:
@@ -279,7 +279,7 @@ class Translator:
                       principal: Principal) -> Plan:
         rows = [[name, session.properties.get(name, ""), "", "varchar", doc]
                 for name, doc in sorted(SESSION_PROPERTIES.items())]
-        string = T.StringType()
+        string: T.DataType = T.StringType()
         cols = [("Name", string), ("Value", string), ("Default", string), ("Type", string),
                 ("Description", string)]
         return Plan("local", columns=cols, rows=rows, is_query=True)
@@ -458,7 +458,7 @@ class Translator:
             plan.changes_catalog = True
         return plan
 
-    def _bind(self, tree: exp.Expression, text: str, params: list[exp.Expression],
+    def _bind(self, tree: exp.Expr, text: str, params: list[exp.Expression],
               null_params: bool) -> None:
         slots = list(tree.find_all(exp.Placeholder, bfs=False))
         if null_params:
@@ -473,7 +473,7 @@ class Translator:
             slot.replace(value.copy())
 
     @staticmethod
-    def _answer_user(tree: exp.Expression, principal: Principal) -> None:
+    def _answer_user(tree: exp.Expr, principal: Principal) -> None:
         """``current_user``, ``session_user()``, ``user()`` answer the SQL user."""
         user = exp.Literal.string(principal.name)
         for node in list(tree.find_all(exp.CurrentUser, exp.SessionUser)):
@@ -487,7 +487,7 @@ class Translator:
                     and ident.name.lower() in ("current_user", "session_user")):
                 column.replace(user.copy())
 
-    def _resolve_tables(self, tree: exp.Expression, text: str, session: ClientSession,
+    def _resolve_tables(self, tree: exp.Expr, text: str, session: ClientSession,
                         principal: Principal, plan: Plan) -> None:
         ctes = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
         for table in list(tree.find_all(exp.Table)):

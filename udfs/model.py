@@ -71,7 +71,7 @@ def export_onnx(home: str | os.PathLike[str]) -> Path:
     class _Features(torch.nn.Module):
         """Backbone + global average pooling: 1280 generic image features."""
 
-        def __init__(self, net: torch.nn.Module) -> None:
+        def __init__(self, net: EfficientNet) -> None:
             super().__init__()
             self.net = net
 

@@ -10,8 +10,9 @@ image becomes a row in ``dicom.pixel_errors`` instead of failing a job.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, SupportsFloat, SupportsIndex
 
 import numpy as np
 
@@ -76,12 +77,14 @@ def _decode(ds: Dataset, path: str) -> np.ndarray:
 
 
 def _first(value: object) -> float | None:
-    if value is None:
+    """The (first) value of a possibly multi-valued element (pydicom's MultiValue is a
+    Sequence) as a number; None when absent or not a number, so callers fall back."""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        value = value[0] if len(value) else None
+    if not isinstance(value, str | bytes | SupportsFloat | SupportsIndex):
         return None
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = next(iter(value)) if len(value) else None  # type: ignore[arg-type]
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(value)
     except (TypeError, ValueError):
         return None
 
