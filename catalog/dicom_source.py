@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -85,7 +85,7 @@ class DicomOptions:
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
-    def parse(cls, options: dict[str, str]) -> DicomOptions:
+    def parse(cls, options: Mapping[str, str]) -> DicomOptions:
         """Validate raw options; raises ValueError naming the option and the rule."""
         opts = {k.lower(): v for k, v in options.items()}
         paths: list[str] = []
@@ -164,7 +164,9 @@ class DicomDataSourceReader(DataSourceReader):
     def partitions(self) -> list[DicomInputPartition]:
         return plan_partitions(plan_sources(self.options.paths), self.options)
 
-    def read(self, partition: DicomInputPartition) -> Iterator[pa.RecordBatch]:
+    # Spark passes back only what partitions() planned; its stub types the base's argument
+    # as InputPartition, which a subclass may not narrow
+    def read(self, partition: DicomInputPartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
         import pyarrow as pa
         from pyspark.sql.pandas.types import to_arrow_schema
 

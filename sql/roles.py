@@ -171,8 +171,10 @@ class RoleSession:
         guard = self._guard
         assert guard is not None
         plan = guard.parse(sql)
-        jss = self.spark._jsparkSession  # type: ignore[attr-defined]
-        of_rows = self.spark._jvm.org.apache.spark.sql.classic.Dataset.ofRows  # type: ignore[attr-defined]
+        jss = self.spark._jsparkSession
+        jvm = self.spark._jvm
+        assert jvm is not None  # a classic session (guarded ones are) always has its JVM
+        of_rows = jvm.org.apache.spark.sql.classic.Dataset.ofRows
         if plan.getClass().getSimpleName() == "ExplainCommand":
             guard.check_analyzed(of_rows(jss, plan.logicalPlan()).queryExecution().analyzed())
             return DataFrame(of_rows(jss, plan), self.spark)
