@@ -48,7 +48,7 @@ def _pct(values: list[float], q: float) -> float:
 def _knn(spark: Any, uids: list[str]) -> list[Any]:
     """``image_knn`` of each uid as a query, as a user would ask (rows: uid, neighbour)."""
     values = ", ".join(f"('{u}')" for u in uids)
-    return spark.sql(  # type: ignore[no-any-return]
+    return spark.sql(
         f"SELECT q.uid, n.sop_instance_uid FROM VALUES {values} AS q(uid), "
         "LATERAL image_knn(query => q.uid, k => 5) n").collect()
 

@@ -61,7 +61,7 @@ class BaseHandler(APIHandler):
 
     @property
     def state(self) -> ExtensionState:
-        return self.settings[NAMESPACE]  # type: ignore[no-any-return]
+        return self.settings[NAMESPACE]
 
     @property
     def jupyter_user(self) -> str:

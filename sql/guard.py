@@ -99,7 +99,7 @@ def builtin_functions(spark: SparkSession, groups: frozenset[str],
                       extra: frozenset[str]) -> frozenset[str]:
     """Built-in functions of Spark's registry in ``groups`` (ExpressionInfo groups), plus
     ``extra`` names from other groups."""
-    registry = spark._jsparkSession.sessionState().functionRegistry()  # type: ignore[attr-defined]
+    registry = spark._jsparkSession.sessionState().functionRegistry()
     names = set(extra)
     iterator = registry.listFunction().iterator()
     while iterator.hasNext():
@@ -228,7 +228,7 @@ class PlanGuard:
         Raises:
             QueryError: the statement is not a query or names what the role may not use.
         """
-        plan = self.spark._jsparkSession.sessionState().sqlParser().parsePlan(sql)  # type: ignore[attr-defined]
+        plan = self.spark._jsparkSession.sessionState().sqlParser().parsePlan(sql)
         tree = json.loads(plan.toJSON())
         ctes: set[str] = set()
         _cte_names(tree, ctes)

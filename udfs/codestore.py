@@ -128,7 +128,7 @@ class DeltaCodeStore:
     """
 
     name = "delta"
-    columns = CODE_COLUMNS
+    columns: tuple[str, ...] = CODE_COLUMNS
 
     def __init__(self, location: str | Path) -> None:
         from dicomlake.catalog.snapshots import TableRows

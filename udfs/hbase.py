@@ -86,7 +86,7 @@ class HBaseCodeStore:
     """Codes in HBase (or Bigtable) under salted row keys."""
 
     name = "hbase"
-    columns = (*CODE_COLUMNS, "thumbnail")
+    columns: tuple[str, ...] = (*CODE_COLUMNS, "thumbnail")
 
     def __init__(self, settings: HBaseSettings) -> None:
         self.settings = settings
