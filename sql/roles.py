@@ -58,8 +58,9 @@ FUNCTION_GROUPS = frozenset({
 ``protobuf_funcs`` (parsers that can load schemas or descriptor files)."""
 EXTRA_FUNCTIONS = frozenset({"typeof", "uuid", "monotonically_increasing_id", "raise_error",
                              "assert_true", "current_catalog", "current_database",
-                             "current_schema", "dicom_thumbnail"})
-"""Allowed names outside those groups (the image function is each session's own)."""
+                             "current_schema", "dicom_thumbnail", "image_embedding",
+                             "pq_encode", "pq_distance"})
+"""Allowed names outside those groups (the image functions are each session's own)."""
 TABLE_FUNCTIONS = frozenset({"range", "image_knn", "explode", "explode_outer", "inline",
                              "inline_outer", "posexplode", "posexplode_outer", "stack",
                              "json_tuple"})

@@ -5,7 +5,10 @@ Registered in every session by :func:`register_functions` (a ``SESSION_HOOKS`` e
 * ``image_knn(query => ..., k => ..., nprobe => ..., refine => ..., filter => ..., frame => ...)``
   table-valued function (see :mod:`dicomlake.udfs.knn`);
 * ``dicom_thumbnail(id)`` -> PNG bytes of the first frame of the image a ``sop_instance_uid``
-  or ``path`` of ``instances`` names.
+  or ``path`` of ``instances`` names;
+* ``image_embedding(id)``, ``pq_encode(embedding)`` and ``pq_distance(query_embedding, code)``:
+  the configured backend's embedding of an image's first frame, its PQ code and the
+  asymmetric distance of an embedding to a code (see :mod:`dicomlake.udfs.sqlfuncs`).
 
 What those functions read depends on the session's :class:`ImageScope` (admin by default;
 the SQL service registers the clinician and analyst scopes in their own sessions).
@@ -78,15 +81,21 @@ def _session_settings(spark: SparkSession) -> Settings:
 def register_functions(spark: SparkSession, settings: Settings | None = None,
                        similarity: SimilaritySettings | None = None,
                        scope: ImageScope = ADMIN_SCOPE) -> None:
-    """Register ``image_knn`` and ``dicom_thumbnail`` for this lake in a session.
+    """Register ``image_knn`` and the scalar image functions for this lake in a session.
 
     Called by :func:`dicomlake.build_session`; call it again with other ``similarity``
-    settings to point ``image_knn`` at another code store.
+    settings to point ``image_knn`` at another code store (or ``image_embedding`` at another
+    backend).
     """
     from pyspark.sql.functions import pandas_udf, udtf
 
     from dicomlake.udfs.knn import KNN_DDL, make_udtf
-    from dicomlake.udfs.sqlfuncs import make_thumbnail
+    from dicomlake.udfs.sqlfuncs import (
+        make_embedding,
+        make_pq_distance,
+        make_pq_encode,
+        make_thumbnail,
+    )
 
     settings = settings or _session_settings(spark)
     similarity = similarity or load_similarity(settings)
@@ -95,3 +104,9 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     spark.udtf.register("image_knn", udtf(handler, returnType=KNN_DDL))
     spark.udf.register("dicom_thumbnail",
                        pandas_udf(make_thumbnail(home, warehouse, scope), "binary"))
+    backend = similarity.backend.value
+    spark.udf.register("image_embedding", pandas_udf(
+        make_embedding(home, warehouse, scope, backend, similarity.batch_size), "array<float>"))
+    spark.udf.register("pq_encode", pandas_udf(make_pq_encode(warehouse, backend), "binary"))
+    spark.udf.register("pq_distance",
+                       pandas_udf(make_pq_distance(warehouse, backend), "double"))
