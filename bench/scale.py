@@ -22,6 +22,8 @@ Keys:
   one (the same archives, ``append_files`` files), and ``append_ratio`` (target <= 1.5).
 * ``spark_ready_seconds``: the start-up the CLI reported for each step; lake registration
   happens inside it, so growth there shows here rather than in the figures above.
+* ``time_lines``: each step's own ``time:`` line (where the CLI prints its stages: plan,
+  read+write, commit, summaries), a profile of where each step's time went.
 """
 
 from __future__ import annotations
@@ -73,26 +75,27 @@ def run(*, sizes: Sequence[int] = (1000, 10_000), append_files: int = 1000,
     appended = pool[counts[-1]:]
     cores = spark_cores()
     ready: dict[str, float] = {}
+    lines: dict[str, str] = {}
 
-    one = _checked(fresh_ingest(pool[:1]), files_per_archive, "one archive")
-    ready["fixed"] = one.spark_ready_seconds
+    def record(step: str, got: CliRun) -> CliRun:
+        ready[step], lines[step] = got.spark_ready_seconds, got.time_line
+        return got
+
+    one = record("fixed", _checked(fresh_ingest(pool[:1]), files_per_archive, "one archive"))
     seconds: list[float] = []
     for count in counts[:-1]:
         got = _checked(fresh_ingest(pool[:count]), count * files_per_archive, "ingest")
-        seconds.append(got.seconds)
-        ready[str(count * files_per_archive)] = got.spark_ready_seconds
+        seconds.append(record(str(count * files_per_archive), got).seconds)
     largest = counts[-1] * files_per_archive
     with tempfile.TemporaryDirectory(prefix="dicomlake-bench-home-") as tmp:
         home = Path(tmp)
         big = _checked(cli_ingest(pool[:counts[-1]], home), largest, "ingest")
-        seconds.append(big.seconds)
-        ready[str(largest)] = big.spark_ready_seconds
-        noop = cli_ingest(pool[:counts[-1]], home)
-        ready["noop"] = noop.spark_ready_seconds
-        append = _checked(cli_ingest(appended, home), extra * files_per_archive, "append")
-        ready["append"] = append.spark_ready_seconds
-    empty = _checked(fresh_ingest(appended), extra * files_per_archive, "append (empty)")
-    ready["append_empty"] = empty.spark_ready_seconds
+        seconds.append(record(str(largest), big).seconds)
+        noop = record("noop", cli_ingest(pool[:counts[-1]], home))
+        append = record("append", _checked(cli_ingest(appended, home),
+                                           extra * files_per_archive, "append"))
+    empty = record("append_empty", _checked(fresh_ingest(appended),
+                                            extra * files_per_archive, "append (empty)"))
 
     files = [c * files_per_archive for c in counts]
     return {
@@ -114,6 +117,7 @@ def run(*, sizes: Sequence[int] = (1000, 10_000), append_files: int = 1000,
         "append_1k_empty_seconds": round(empty.seconds, 2),
         "append_ratio": round(append.seconds / empty.seconds, 2) if empty.seconds > 0 else None,
         "spark_ready_seconds": ready,
+        "time_lines": lines,
         "load_average_start": load_start,
         "load_average_end": load_average(),
     }

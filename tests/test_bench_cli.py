@@ -96,7 +96,8 @@ def test_bench_scale_prints_growth_noop_and_append_keys(home: Path) -> None:
     # the unchanged lake: every source skipped by fingerprint, no member read
     assert result["noop_files_read"] == 0
     assert result["noop_sources_skipped"] == 4
-    assert set(result["spark_ready_seconds"]) == {"fixed", "20", "40", "noop", "append",
-                                                  "append_empty"}
+    steps = {"fixed", "20", "40", "noop", "append", "append_empty"}
+    assert set(result["spark_ready_seconds"]) == steps == set(result["time_lines"])
+    assert all(line.startswith("time: ") for line in result["time_lines"].values())
     # the scale pool shares the ingest test's archives (same shape): 4 + 2 appended
     assert len(list((home / "bench" / "seed-10pa-32px-v3").glob("*.zip"))) == 6
