@@ -7,6 +7,12 @@ write of the results). Spark runs ``local[N]`` with one model thread per task; t
 gets N threads in one process: the same cores. Model export and Spark start-up are excluded
 from both; the UDF time does include each worker loading the model (for TensorFlow, its
 import: seconds), as a real ``dicomlake embed`` run pays it.
+
+The SQL function ``image_embedding`` is timed on the same images in the same session, in a
+``SELECT`` whose ``count``/``sum`` force every value, one task per core
+(``sql_udf_images_per_second``; ``sql_udf_efficiency`` is its ratio to the pipeline's
+``images_per_second``). It embeds the first frame only and writes nothing, and it runs after
+the pipeline in the Python workers the pipeline left, whose model is already loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
     from dicomlake.config import Settings, SparkSettings
     from dicomlake.session import build_session
     from dicomlake.udfs import model as model_mod
-    from dicomlake.udfs.embeddings import ONNX_THREADS_ENV
+    from dicomlake.udfs.features import THREADS_ENV
     from dicomlake.udfs.pipeline import embed_instances
     from dicomlake.udfs.pixels import model_inputs
     from dicomlake.udfs.settings import ModelBackend, SimilaritySettings
@@ -42,7 +48,7 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
                                files=per_archive, seed=11, profile=Profile.CTMR)
         settings = Settings(home=home, spark=SparkSettings(master=f"local[{cores}]",
                                                           driver_memory="2g"))
-        os.environ[ONNX_THREADS_ENV] = "1"
+        os.environ[THREADS_ENV] = "1"
         spark = build_session(settings)
         ingest(spark, Warehouse(settings.warehouse_path), [str(a) for a in archives])
         kind = ModelBackend(backend)
@@ -52,6 +58,7 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
         started = time.perf_counter()
         images, rows, _ = embed_instances(spark, settings, similarity)
         udf_s = time.perf_counter() - started
+        sql_s = _time_sql_udf(spark, settings, similarity, cores)
 
         paths = read_columns(settings.warehouse_path / "dicom" / "instances",
                              ["path"]).column("path").to_pylist()
@@ -76,4 +83,27 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
         "images_per_second": images / udf_s,
         "raw_images_per_second": len(paths) / raw_s,
         "udf_efficiency": (images / udf_s) / (len(paths) / raw_s),
+        "sql_udf_images_per_second": images / sql_s,
+        "sql_udf_efficiency": (images / sql_s) / (images / udf_s),
     }
+
+
+def _time_sql_udf(spark: Any, settings: Any, similarity: Any, cores: int) -> float:
+    """Seconds for ``image_embedding`` over every instance of the lake, checked to have
+    embedded every image the pipeline embedded (a NULL-returning function would look fast)."""
+    from dicomlake.catalog.delta import read_columns
+    from dicomlake.udfs import register_functions
+
+    register_functions(spark, settings, similarity)
+    started = time.perf_counter()
+    row = spark.sql(
+        "SELECT count(e) AS embedded, sum(size(e)) AS total FROM (SELECT image_embedding(path) "
+        f"AS e FROM (SELECT /*+ REPARTITION({cores}) */ path FROM dicom.instances))").first()
+    seconds = time.perf_counter() - started
+    frames = read_columns(settings.warehouse_path / "dicom" / "embeddings",
+                          ["frame"]).column("frame").to_pylist()
+    expected = frames.count(0)
+    if row.embedded != expected or not row.total:
+        raise RuntimeError(f"image_embedding gave {row.embedded} embeddings, the pipeline "
+                           f"{expected} first frames: the SQL rate would not be comparable")
+    return seconds
