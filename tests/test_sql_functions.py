@@ -119,33 +119,14 @@ def test_admin_may_embed_a_file_outside_the_lake(spark, lake, tmp_path):
     assert _cos(row.outside, row.stored) > 0.9999
 
 
-def _book(lake: Settings):
-    from dicomlake.udfs import pq
-
-    return pq.latest(lake.warehouse_path / "dicom" / "codebooks")
-
-
-def assert_same_code(book, embedding, code: bytes, stored: bytes) -> None:
-    """``code`` is ``stored``, byte for byte except where the embedding's sub-vector is
-    equally near both centroids: a tie float32 cannot break the same way in every batch (a
-    small lake's codebook has split centroids exactly either side of a training vector)."""
-    x = np.asarray(embedding, np.float64).reshape(book.m, -1)
-    a, b = np.frombuffer(bytes(code), np.uint8), np.frombuffer(bytes(stored), np.uint8)
-    assert len(a) == len(b) == book.m
-    for j in np.flatnonzero(a != b):
-        near = ((book.centroids[j].astype(np.float64) - x[j]) ** 2).sum(axis=1)
-        assert abs(near[a[j]] - near[b[j]]) <= 1e-6 * (x[j] @ x[j]), (j, near[a[j]], near[b[j]])
-
-
 def test_pq_encode_is_the_stored_code(spark, lake):
     rows = spark.sql("""
         SELECT c.code AS stored, pq_encode(e.embedding) AS code, e.embedding
         FROM dicom.codes c JOIN dicom.embeddings e USING (sop_instance_uid, frame)""").collect()
     assert len(rows) == lake_codes(spark)
-    book = _book(lake)
-    for r in rows:
-        assert_same_code(book, r.embedding, r.code, r.stored)
-    assert sum(r.code == r.stored for r in rows) > len(rows) // 2
+    # a vector's code depends on that vector alone (Codebook.encode), whichever path
+    # encoded it and with how many others
+    assert all(bytes(r.code) == bytes(r.stored) for r in rows)
 
 
 def lake_codes(spark) -> int:
@@ -281,4 +262,4 @@ def test_through_the_trino_server_analyst_and_admin(spark, lake):
         [(code,)] = root.fetchall()
     stored_code = spark.sql(f"SELECT code FROM dicom.codes WHERE sop_instance_uid = "
                             f"'{ct.sop_instance_uid}' AND frame = 0").first().code
-    assert_same_code(_book(lake), stored, code, stored_code)
+    assert bytes(code) == bytes(stored_code)

@@ -135,3 +135,18 @@ def test_filter_translation():
         parse_filter("colour = 'red'", cols)
     with pytest.raises(KnnError, match="not a valid SQL predicate"):
         parse_filter("modality = ", cols)
+
+
+def test_a_code_depends_on_its_vector_alone():
+    """Batch embed, the stream and pq_encode in SQL encode different batches: the same vector
+    must get the same bytes in each (ties included: the lowest centroid wins)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 64)).astype(np.float32)
+    book = pq.train(x[:200], m=8, nlist=4)
+    codes, lists = book.encode(x)
+    for i in range(0, 300, 37):
+        one_codes, one_lists = book.encode(x[i:i + 1])
+        np.testing.assert_array_equal(one_codes[0], codes[i])
+        assert one_lists[0] == lists[i]
+    tie = book.centroids[:, :2, :].mean(axis=1).reshape(1, -1)  # halfway between two
+    assert (book.encode(tie)[0] == book.encode(np.repeat(tie, 5, axis=0))[0]).all()

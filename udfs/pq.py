@@ -93,19 +93,31 @@ class Codebook:
         return vectors
 
     def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(codes (n, m) uint8, list ids (n,) int32; all 0 without IVF)."""
+        """(codes (n, m) uint8, list ids (n,) int32; all 0 without IVF).
+
+        Each row's code depends on that row alone: distances are summed per row as squared
+        differences (not as ``||c||^2 - 2 x.c`` through BLAS, whose rounding depends on how
+        many rows share the call), and exact ties go to the lowest centroid. So a vector gets
+        the same bytes whether batch ``embed``, the stream or ``pq_encode`` in SQL encodes it,
+        alone or with thousands of others.
+        """
         x = self.check_vectors(vectors, f"encode with codebook v{self.version}")
         n, dsub = x.shape[0], self.centroids.shape[2]
         codes = np.empty((n, self.m), dtype=np.uint8)
         sub = x.reshape(n, self.m, dsub)
-        norms = (self.centroids ** 2).sum(axis=2)  # (m, ksub)
-        for j in range(self.m):
-            # argmin ||x - c||^2 = argmin ||c||^2 - 2 x.c (the ||x||^2 term is constant)
-            codes[:, j] = np.argmin(norms[j] - 2.0 * sub[:, j] @ self.centroids[j].T, axis=1)
+        step = max(1, (1 << 22) // max(1, self.ksub * dsub))  # rows per chunk (~16 MB)
+        for start in range(0, n, step):
+            chunk = sub[start:start + step]
+            for j in range(self.m):
+                diff = chunk[:, j, np.newaxis, :] - self.centroids[j][np.newaxis]
+                codes[start:start + step, j] = np.argmin((diff * diff).sum(axis=2), axis=1)
         if self.coarse is None:
             return codes, np.zeros(n, dtype=np.int32)
-        cn = (self.coarse ** 2).sum(axis=1)
-        lists = np.argmin(cn - 2.0 * x @ self.coarse.T, axis=1).astype(np.int32)
+        lists = np.empty(n, dtype=np.int32)
+        step = max(1, (1 << 22) // max(1, self.coarse.size))
+        for start in range(0, n, step):
+            diff = x[start:start + step, np.newaxis, :] - self.coarse[np.newaxis]
+            lists[start:start + step] = np.argmin((diff * diff).sum(axis=2), axis=1)
         return codes, lists
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
