@@ -12,9 +12,12 @@ not be read or which documented rule skipped it (``_error_kind = 'skipped'``).
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +63,7 @@ class ParseMode(StrEnum):
     FAILFAST = "FAILFAST"
 
 
-def _positive_int(options: dict[str, str], key: str, default: int) -> int:
+def _positive_int(options: Mapping[str, str], key: str, default: int) -> int:
     raw = options.get(key.lower(), options.get(key))
     if raw is None:
         return default
@@ -73,6 +76,29 @@ def _positive_int(options: dict[str, str], key: str, default: int) -> int:
     return value
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _byte_size(options: Mapping[str, str], key: str, default: int) -> int:
+    """A size in bytes, written as Spark writes them too (``134217728``, ``128m``, ``1g``)."""
+    raw = options.get(key.lower(), options.get(key))
+    if raw is None:
+        return default
+    match = _SIZE.match(raw)
+    value = int(match[1]) * _UNITS[match[2].lower()] if match else 0
+    if value <= 0:
+        raise ValueError(f"dicom option '{key}' must be a positive size in bytes (e.g. "
+                         f"134217728, 128m, 1g), got {raw!r}")
+    return value
+
+
+TASKS_PER_CORE = 3
+"""Tasks planned per core when ``minPartitions`` is not given: enough that a slow archive
+does not leave cores idle at the end of a job, few enough that per-task costs (a Python
+task, a Parquet file per table when ingesting) stay small. Measured in the README."""
+
+
 @dataclass(frozen=True)
 class DicomOptions:
     """The ``dicom`` source's options, parsed and checked once (values arrive as strings)."""
@@ -80,8 +106,10 @@ class DicomOptions:
     paths: tuple[str, ...]
     mode: ParseMode = ParseMode.PERMISSIVE
     corrupt_record: str = CORRUPT_RECORD
-    members_per_partition: int = 5000
-    files_per_partition: int = 256
+    members_per_partition: int = 2048
+    max_partition_bytes: int = 1 << 30
+    open_cost_in_bytes: int = 1 << 20
+    min_partitions: int = field(default_factory=lambda: TASKS_PER_CORE * (os.cpu_count() or 1))
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -105,53 +133,126 @@ class DicomOptions:
             raise ValueError(
                 f"dicom option 'mode' is {mode_raw!r}; it must be one of: {allowed}"
             ) from None
+        defaults = cls(paths=tuple(paths))
         return cls(
             paths=tuple(paths),
             mode=mode,
             corrupt_record=opts.get("columnnameofcorruptrecord", CORRUPT_RECORD),
-            members_per_partition=_positive_int(opts, "membersPerPartition", 5000),
-            files_per_partition=_positive_int(opts, "filesPerPartition", 256),
+            members_per_partition=_positive_int(opts, "membersPerPartition",
+                                                defaults.members_per_partition),
+            max_partition_bytes=_byte_size(opts, "maxPartitionBytes",
+                                           defaults.max_partition_bytes),
+            open_cost_in_bytes=_byte_size(opts, "openCostInBytes", defaults.open_cost_in_bytes),
+            min_partitions=_positive_int(opts, "minPartitions", defaults.min_partitions),
             limits=Limits(
-                max_member_bytes=_positive_int(opts, "maxMemberBytes", 16 << 30),
+                max_member_bytes=_byte_size(opts, "maxMemberBytes", 16 << 30),
                 max_ratio=_positive_int(opts, "maxCompressionRatio", 1000),
-                max_header_bytes=_positive_int(opts, "maxHeaderBytes", 64 << 20),
-                max_nested_bytes=_positive_int(opts, "maxNestedArchiveBytes", 1 << 30),
+                max_header_bytes=_byte_size(opts, "maxHeaderBytes", 64 << 20),
+                max_nested_bytes=_byte_size(opts, "maxNestedArchiveBytes", 1 << 30),
             ),
         )
 
 
 @dataclass(frozen=True)
 class SourceSlice:
-    """Members ``[start, stop)`` of one source (plain files have one member)."""
+    """What one task reads of one source: a plain file, a whole ZIP, or some of its members.
+
+    ``source.members`` holds only the members of this slice (a split archive's slices do not
+    each carry the whole listing to their tasks); ``inputs`` is the whole source's planned
+    input count, which every row records as ``source_members``.
+    """
 
     source: Source
-    start: int = 0
-    stop: int = 1
+    inputs: int = 1
 
 
 @dataclass(frozen=True)
 class DicomInputPartition(InputPartition):
-    """One Spark task: an archive, a member range of a big archive, or a group of files."""
+    """One Spark task: slices of one or more sources."""
 
     slices: tuple[SourceSlice, ...]
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """A slice with its planning weight: members to parse and bytes that may be read."""
+
+    slice: SourceSlice
+    members: int
+    nbytes: int
+
+
+def _pieces(source: Source, max_members: int, max_bytes: int) -> list[_Piece]:
+    """``source`` as slices within the targets (only a listed ZIP can be split, at member
+    boundaries, as Spark splits a file at ``maxSplitBytes``)."""
+    if not source.is_zip or source.error is not None or not source.members:
+        return [_Piece(SourceSlice(source, source.input_count), 1, source.size)]
+    pieces: list[_Piece] = []
+    start = nbytes = 0
+    members = source.members
+    for i, member in enumerate(members):
+        if i > start and (i - start >= max_members
+                          or nbytes + member.compress_size > max_bytes):
+            pieces.append(_Piece(SourceSlice(replace(source, members=members[start:i]),
+                                             source.input_count), i - start, nbytes))
+            start, nbytes = i, 0
+        nbytes += member.compress_size
+    pieces.append(_Piece(SourceSlice(replace(source, members=members[start:]),
+                                     source.input_count), len(members) - start, nbytes))
+    return pieces
+
+
 def plan_partitions(sources: list[Source], options: DicomOptions) -> list[DicomInputPartition]:
-    """One partition per archive; big archives split; plain files grouped."""
+    """Pack sources into tasks the way Spark's file sources pack files.
+
+    Each task holds at most a target of members (``membersPerPartition``) and of bytes
+    (``maxPartitionBytes``; every slice after the first in a task also costs
+    ``openCostInBytes``, so many tiny files do not make one enormous task). The targets
+    shrink so that the work spreads over at least ``minPartitions`` tasks when there is
+    enough of it (Spark's bytes-per-core rule, for members too). Archives bigger than a
+    target are split into member ranges; smaller sources are packed together, biggest
+    first, each task filled until the next slice would overflow it (Spark's next-fit over
+    splits sorted by size).
+    """
+    if not sources:
+        return []
+    open_cost = options.open_cost_in_bytes
+    total_members = sum(max(s.input_count, 1) for s in sources)
+    total_bytes = sum(s.size + open_cost for s in sources)
+    target_members = min(options.members_per_partition,
+                         max(1, math.ceil(total_members / options.min_partitions)))
+    target_bytes = min(options.max_partition_bytes,
+                       max(open_cost, math.ceil(total_bytes / options.min_partitions)))
+    pieces = [p for s in sources for p in _pieces(s, target_members, target_bytes)]
+    pieces.sort(key=lambda p: max(p.members / target_members, p.nbytes / target_bytes),
+                reverse=True)  # stable: equal pieces keep the sources' (path) order
     parts: list[DicomInputPartition] = []
-    loose: list[SourceSlice] = []
-    for source in sources:
-        if source.is_zip and source.error is None:
-            n = len(source.members)
-            step = options.members_per_partition
-            for start in range(0, max(n, 1), step):
-                piece = SourceSlice(source, start, min(n, start + step))
-                parts.append(DicomInputPartition((piece,)))
-        else:
-            loose.append(SourceSlice(source))
-    for i in range(0, len(loose), options.files_per_partition):
-        parts.append(DicomInputPartition(tuple(loose[i:i + options.files_per_partition])))
+    current: list[SourceSlice] = []
+    members = nbytes = 0
+    for piece in pieces:
+        if current and (members + piece.members > target_members
+                        or nbytes + piece.nbytes > target_bytes):
+            parts.append(DicomInputPartition(tuple(current)))
+            current, members, nbytes = [], 0, 0
+        current.append(piece.slice)
+        members += piece.members
+        nbytes += piece.nbytes + open_cost
+    parts.append(DicomInputPartition(tuple(current)))
     return parts
+
+
+BATCH_ROWS = 256
+"""Rows per Arrow batch a task yields: small enough that progress moves and memory stays
+flat, big enough that per-batch costs vanish."""
+
+
+def _batch(rows: list[dict[str, Any]], names: list[str], schema: pa.Schema) -> pa.RecordBatch:
+    """Rows (dicts that may lack columns) as one batch: one list per column, then Arrow."""
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_arrays(
+        [pa.array([row.get(name) for row in rows], type=field.type)
+         for name, field in zip(names, schema, strict=True)], schema=schema)
 
 
 class DicomDataSourceReader(DataSourceReader):
@@ -167,24 +268,19 @@ class DicomDataSourceReader(DataSourceReader):
     # Spark passes back only what partitions() planned; its stub types the base's argument
     # as InputPartition, which a subclass may not narrow
     def read(self, partition: DicomInputPartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
-        import pyarrow as pa
+        """The partition's rows as Arrow batches, each column built in one pass."""
         from pyspark.sql.pandas.types import to_arrow_schema
 
         arrow_schema = to_arrow_schema(self.schema, timezone="UTC")
         names = arrow_schema.names
-        columns: dict[str, list[Any]] = {name: [] for name in names}
-        batch_rows = 256
-        count = 0
+        rows: list[dict[str, Any]] = []
         for row in self._rows(partition):
-            for name in names:
-                columns[name].append(row.get(name))
-            count += 1
-            if count == batch_rows:
-                yield pa.RecordBatch.from_pydict(columns, schema=arrow_schema)
-                columns = {name: [] for name in names}
-                count = 0
-        if count:
-            yield pa.RecordBatch.from_pydict(columns, schema=arrow_schema)
+            rows.append(row)
+            if len(rows) == BATCH_ROWS:
+                yield _batch(rows, names, arrow_schema)
+                rows = []
+        if rows:
+            yield _batch(rows, names, arrow_schema)
 
     def _rows(self, partition: DicomInputPartition) -> Iterator[dict[str, Any]]:
         # Imported here: planning workers never parse, and pydicom costs 0.5 s to import.
@@ -193,9 +289,8 @@ class DicomDataSourceReader(DataSourceReader):
         warnings.simplefilter("ignore")  # pydicom warns per odd element; errors are rows
         opts = self.options
         for piece in partition.slices:
-            origin = Origin(piece.source.path, piece.source.fingerprint,
-                            piece.source.input_count)
-            for found in read_source(piece.source, piece.start, piece.stop, opts.limits):
+            origin = Origin(piece.source.path, piece.source.fingerprint, piece.inputs)
+            for found in read_source(piece.source, limits=opts.limits):
                 row = self._row(origin, found)
                 if row is not None:
                     yield row
@@ -235,8 +330,17 @@ class DicomDataSource(DataSource):
         mode: PERMISSIVE (default; bad inputs give a row with ``_corrupt_record``),
             DROPMALFORMED (bad inputs dropped) or FAILFAST (first bad input fails the job).
         columnNameOfCorruptRecord: name of the error column (default ``_corrupt_record``).
-        membersPerPartition: split archives with more members than this (default 5000).
-        filesPerPartition: plain files per task (default 256).
+        membersPerPartition: at most this many members (or plain files) per task; bigger
+            archives are split into member ranges, smaller ones packed together
+            (default 2048).
+        maxPartitionBytes: at most this many bytes per task (a plain file's size, a ZIP
+            member's compressed size, plus openCostInBytes per source), as Spark's
+            ``spark.sql.files.maxPartitionBytes`` (default 1g; ``134217728``, ``128m`` ...).
+        openCostInBytes: what opening one source is worth in bytes when packing, as
+            ``spark.sql.files.openCostInBytes`` (default 1m).
+        minPartitions: spread the work over at least this many tasks when there is enough
+            of it, so every core gets a few (default 3 per core of the planning machine;
+            ``dicomlake ingest`` passes 3 x Spark's default parallelism).
         maxMemberBytes: declared member size limit (default 16 GiB).
         maxCompressionRatio: declared/compressed size limit for members over 1 MiB
             (default 1000).

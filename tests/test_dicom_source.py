@@ -31,8 +31,8 @@ class TestOptions:
             DicomOptions.parse({"path": "/x", "mode": "loose"})
 
     def test_non_numeric_partition_size(self):
-        with pytest.raises(ValueError, match="'filesPerPartition' must be a positive integer"):
-            DicomOptions.parse({"path": "/x", "filesperpartition": "many"})
+        with pytest.raises(ValueError, match="'membersPerPartition' must be a positive integer"):
+            DicomOptions.parse({"path": "/x", "membersperpartition": "many"})
 
     def test_a_path_is_required(self):
         with pytest.raises(ValueError, match="at least one path"):
@@ -81,12 +81,16 @@ class TestReading:
         assert notes["_error_kind"] == "not_dicom"
         assert len(_rows(spark, tmp_path / "site" / "**" / "*.zip")) == 20
 
-    def test_one_task_per_archive_and_big_archives_split(self, spark, sample_archives):
+    def test_archives_are_packed_and_split_into_tasks(self, spark, sample_archives):
         folder = str(sample_archives[0].parent)
-        assert _read(spark, folder).rdd.getNumPartitions() == len(sample_archives)
-        split = _read(spark, sample_archives[1], membersPerPartition=6)
+        assert _read(spark, folder, minPartitions=1).rdd.getNumPartitions() == 1
+        assert _read(spark, folder, minPartitions=3).rdd.getNumPartitions() == 3
+        split = _read(spark, sample_archives[1], membersPerPartition=6, minPartitions=1)
         assert split.rdd.getNumPartitions() == 4
         assert split.count() == 20
+        rows = _rows(spark, sample_archives[1], membersPerPartition=6, minPartitions=1)
+        assert [r["path"] for r in rows] == [r["path"] for r in _rows(spark, sample_archives[1])]
+        assert {r["source_members"] for r in rows} == {20}
 
     def test_pixel_data_is_never_decompressed(self, spark, tmp_path):
         """A member whose compressed pixel data is garbage still gives a row: we stop at the
