@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from dicomlake.catalog.sample import Profile, make_sample
-from dicomlake.console import error_summary, run_sql, sql_shell, start_session
+from dicomlake.console import StageBars, error_summary, run_sql, sql_shell, start_session
 
 
 @click.command()
@@ -30,12 +30,14 @@ def sample(out: Path, archives: int, files: int, seed: int, profile: str) -> Non
 
 
 def print_ingest_summary(result: object) -> None:
-    """The one-paragraph summary every ingest ends with."""
+    """The one-paragraph summary every ingest ends with, and where the time went."""
     from dicomlake.catalog.ingest import IngestResult
 
     assert isinstance(result, IngestResult)
     rate = result.files_seen / result.seconds if result.seconds else 0.0
     nested = result.files_seen - result.files_planned
+    stages = ", ".join(f"{name} {seconds:.1f} s"
+                       for name, seconds in result.stage_seconds.items())
     click.echo(
         f"sources: {result.sources} ({result.sources_skipped} unchanged, skipped)\n"
         f"files seen: {result.files_seen} = rows written: {result.rows_written} "
@@ -43,7 +45,7 @@ def print_ingest_summary(result: object) -> None:
         f"(of which skipped by rule: {result.skipped})"
         f"{f'; {nested} found inside nested archives' if nested > 0 else ''}\n"
         f"values kept as text: {result.warnings} (see: SELECT * FROM dicom.warnings)\n"
-        f"time: {result.seconds:.1f} s ({rate:.0f} files/s)"
+        f"time: {result.seconds:.1f} s ({rate:.0f} files/s){f': {stages}' if stages else ''}"
     )
     for problem in result.unaccounted:
         click.echo(f"MISMATCH: {problem} (the source changed during ingest?); run the ingest "
@@ -54,23 +56,17 @@ def print_ingest_summary(result: object) -> None:
 
 
 def run_ingest(spark: object, warehouse_path: Path, paths: tuple[str, ...],
-               force: bool) -> object:
-    """Ingest with a files/s progress bar and print the summary."""
+               force: bool, *, register: bool = True) -> object:
+    """Ingest with a progress bar per stage (files/s, time left) and print the summary."""
     from dicomlake.catalog.ingest import ingest
     from dicomlake.catalog.warehouse import Warehouse
 
-    bar = tqdm(unit="file", desc="ingest", disable=None)
-
-    def planned(total: int, skipped: int) -> None:
-        bar.total = total
-        bar.refresh()
-
+    bars = StageBars()
     try:
         result = ingest(spark, Warehouse(warehouse_path), paths, force=force,  # type: ignore[arg-type]
-                        progress=bar.update, on_plan=planned)
-        bar.update(max(0, (bar.total or 0) - bar.n))
+                        progress=bars, register=register)
     finally:
-        bar.close()
+        bars.close()
     print_ingest_summary(result)
     return result
 
@@ -81,7 +77,8 @@ def run_ingest(spark: object, warehouse_path: Path, paths: tuple[str, ...],
 def ingest(paths: tuple[str, ...], force: bool) -> None:
     """Ingest ZIP archives, DICOM files, folders or globs into the dicom.* tables."""
     settings, spark = start_session()
-    result = run_ingest(spark, settings.warehouse_path, paths, force)
+    # the process ends after the ingest: registering new tables in its session is wasted
+    result = run_ingest(spark, settings.warehouse_path, paths, force, register=False)
     if not getattr(result, "balanced", True):
         sys.exit(1)
 

@@ -12,6 +12,7 @@ Reads: a Python data source per table lists the table's *active* files at query 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,8 +27,7 @@ from dicomlake.catalog.columns import TABLE_COLUMN
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import DataFrame
-
+    from pyspark.sql import DataFrame, SparkSession
 
 
 @dataclass(frozen=True)
@@ -102,69 +102,251 @@ def _target_frame(df: DataFrame, target: TableTarget) -> DataFrame:
 
 
 _MANIFEST_DDL = ("table string, path string, size long, rows long, modification_time long, "
-                 "keys string")
+                 "keys binary")
+"""One row per written file. ``keys`` is an Arrow IPC stream of the file's key columns: a
+task never turns its rows into Python objects to report them."""
+
+PROGRESS_FOLDER = "_dicomlake_progress"
+"""Where tasks leave their progress markers, inside the first target table's folder (the
+driver sees that folder already: it commits and reads the files written there). Delta
+ignores folders starting with ``_``; the driver removes the job's markers when it ends."""
 
 
-def _file_writer(targets: dict[str, TableTarget], job_id: str,
-                 arrow_schemas: dict[str, pa.Schema]) -> Callable[[Iterator[pa.RecordBatch]],
-                                                                  Iterator[pa.RecordBatch]]:
-    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+class _Marker:
+    """A task's running count of rows written, in a small file the driver polls.
+
+    Named by the task's partition, so a retried attempt overwrites its predecessor's count.
+    Best effort: a marker that cannot be written disables itself; the job never fails for
+    progress.
+    """
+
+    def __init__(self, folder: str | None) -> None:
         import os
 
-        import pyarrow as pa
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        self._path = None if folder is None or context is None else os.path.join(
+            folder, str(context.partitionId()))
+        self._count = 0
+        self._written_at = 0.0
+
+    def add(self, rows: int) -> None:
+        self._count += rows
+        if time.monotonic() - self._written_at >= 0.2:
+            self.flush()
+
+    def flush(self) -> None:
+        import os
+
+        if self._path is None:
+            return
+        temporary = f"{self._path}.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(temporary, "w") as out:
+                out.write(str(self._count))
+            os.replace(temporary, self._path)
+        except OSError:
+            self._path = None
+        self._written_at = time.monotonic()
+
+
+class _FileSink:
+    """Inside a task: routes Arrow batches to one Parquet file per target table, and
+    describes the files written (the manifest) when closed. Everything stays columnar."""
+
+    def __init__(self, targets: dict[str, TableTarget], job_id: str,
+                 schemas: dict[str, pa.Schema], marker: _Marker) -> None:
+        self._targets = targets
+        self._job_id = job_id
+        self._schemas = schemas
+        self._marker = marker
+        self._writers: dict[str, tuple[Any, str]] = {}
+        self._rows: dict[str, int] = {}
+        self._keys: dict[str, list[pa.Table]] = {}
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        import os
+
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        writers: dict[str, tuple[pq.ParquetWriter, str]] = {}
-        rows: dict[str, int] = {}
-        keys: dict[str, list[list[str]]] = {}
-        for batch in batches:
-            if batch.num_rows == 0:
+        if batch.num_rows == 0:
+            return
+        route = batch.column(TABLE_COLUMN)
+        for key, target in self._targets.items():
+            part = batch.filter(pc.equal(route, target.route_key))
+            if part.num_rows == 0:
                 continue
-            route = batch.column(TABLE_COLUMN)
-            for key, target in targets.items():
-                part = batch.filter(pc.equal(route, target.route_key))
-                if part.num_rows == 0:
-                    continue
-                table = _target_rows(part, target)
-                if table.num_rows == 0:
-                    continue
-                table = table.cast(arrow_schemas[key])
-                if key not in writers:
-                    name = f"part-{job_id}-{uuid.uuid4().hex}.parquet"
-                    full = os.path.join(target.path, name)
-                    os.makedirs(target.path, exist_ok=True)
-                    writers[key] = (pq.ParquetWriter(full, arrow_schemas[key],
-                                                     compression="zstd"), name)
-                    rows[key] = 0
-                    keys[key] = []
-                writers[key][0].write_table(table)
-                rows[key] += table.num_rows
-                if target.key_columns:
-                    cols = [table.column(c).to_pylist() for c in target.key_columns]
-                    keys[key].extend([list(t) for t in zip(*cols, strict=True)])
+            table = _target_rows(part, target)
+            if table.num_rows == 0:
+                continue
+            table = table.cast(self._schemas[key])
+            if key not in self._writers:
+                name = f"part-{self._job_id}-{uuid.uuid4().hex}.parquet"
+                os.makedirs(target.path, exist_ok=True)
+                self._writers[key] = (pq.ParquetWriter(os.path.join(target.path, name),
+                                                       self._schemas[key],
+                                                       compression="zstd"), name)
+                self._rows[key] = 0
+                self._keys[key] = []
+            self._writers[key][0].write_table(table)
+            self._rows[key] += table.num_rows
+            if target.key_columns:
+                self._keys[key].append(table.select(list(target.key_columns)))
+        self._marker.add(batch.num_rows)
+
+    def close(self) -> Iterator[pa.RecordBatch]:
+        import os
+
+        import pyarrow as pa
+
+        self._marker.flush()
         out: dict[str, list[Any]] = {c.split()[0]: [] for c in _MANIFEST_DDL.split(", ")}
-        for key, (writer, name) in writers.items():
+        for key, (writer, name) in self._writers.items():
             writer.close()
-            full = os.path.join(targets[key].path, name)
-            st = os.stat(full)
+            st = os.stat(os.path.join(self._targets[key].path, name))
             out["table"].append(key)
             out["path"].append(name)
             out["size"].append(st.st_size)
-            out["rows"].append(rows[key])
+            out["rows"].append(self._rows[key])
             out["modification_time"].append(int(st.st_mtime * 1000))
-            out["keys"].append(json.dumps(keys[key]))
+            out["keys"].append(_ipc(pa.concat_tables(self._keys[key]))
+                               if self._keys[key] else b"")
         if out["table"]:
             yield pa.RecordBatch.from_pydict(out)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _written(rows: list[Any]) -> list[WrittenFile]:
+    """The manifest rows a job collected, as files to commit (keys as tuples of values)."""
+    import pyarrow as pa
+
+    files = []
+    for r in rows:
+        keys: tuple[tuple[Any, ...], ...] = ()
+        if r["keys"]:
+            table = pa.ipc.open_stream(pa.py_buffer(r["keys"])).read_all()
+            keys = tuple(zip(*(c.to_pylist() for c in table.columns), strict=True))
+        files.append(WrittenFile(r["table"], r["path"], r["size"], r["rows"],
+                                 r["modification_time"], keys))
+    return files
+
+
+def _file_writer(targets: dict[str, TableTarget], job_id: str, schemas: dict[str, pa.Schema],
+                 markers: str | None) -> Callable[[Iterator[pa.RecordBatch]],
+                                                 Iterator[pa.RecordBatch]]:
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sink = _FileSink(targets, job_id, schemas, _Marker(markers))
+        for batch in batches:
+            sink.write(batch)
+        yield from sink.close()
 
     return write
 
 
-def write_files(df: DataFrame, targets: list[TableTarget]) -> list[WrittenFile]:
+def _task_writer(payloads: list[bytes], produce: Callable[[bytes], Iterator[pa.RecordBatch]],
+                 targets: dict[str, TableTarget], job_id: str, schemas: dict[str, pa.Schema],
+                 markers: str | None) -> Callable[[Iterator[pa.RecordBatch]],
+                                                  Iterator[pa.RecordBatch]]:
+    def write(ids: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sink = _FileSink(targets, job_id, schemas, _Marker(markers))
+        for batch in ids:
+            for task in batch.column(0).to_pylist():
+                for rows in produce(payloads[task]):
+                    sink.write(rows)
+        yield from sink.close()
+
+    return write
+
+
+class ProgressWatch:
+    """On the driver: sums the markers of a job's tasks while it runs and reports the rows
+    done since the last report. Where the driver cannot see the tasks' folder, it reports
+    nothing (callers finish their bar from the manifest); it never fails the job."""
+
+    def __init__(self, folder: Path, report: Callable[[int], None] | None) -> None:
+        self.folder = folder
+        self._report = report
+        self._reported = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def reported(self) -> int:
+        """Rows reported so far."""
+        return self._reported
+
+    def __enter__(self) -> ProgressWatch:
+        if self._report is not None:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                self._report = None
+            else:
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        if self._report is not None:
+            self._stop.set()
+            self._thread.join()
+            self._poll()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.parent.rmdir()  # only when no other job's markers are left
+        except OSError:
+            pass
+
+    @property
+    def markers(self) -> str | None:
+        """The folder tasks write to, or None when nobody is watching."""
+        return None if self._report is None else str(self.folder)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._poll()
+
+    def _poll(self) -> None:
+        done = 0
+        try:
+            for marker in self.folder.iterdir():
+                if marker.name.isdigit():
+                    try:
+                        done += int(marker.read_text() or 0)
+                    except (OSError, ValueError):
+                        continue  # replaced while read: the next poll sees it
+        except OSError:
+            return
+        if done > self._reported and self._report is not None:
+            self._report(done - self._reported)
+            self._reported = done
+
+
+def _job(targets: list[TableTarget]) -> tuple[str, Path]:
+    """A new job's id and its progress-marker folder."""
+    job_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+    return job_id, Path(targets[0].path) / PROGRESS_FOLDER / job_id
+
+
+def write_files(df: DataFrame, targets: list[TableTarget], *,
+                progress: Callable[[int], None] | None = None) -> list[WrittenFile]:
     """Write ``df``'s rows as Parquet files into their target tables; commit nothing.
 
     Rows are routed by the ``_dicomlake_table`` column when there are several targets. The
     returned files are what :func:`commit` needs; if the job fails nothing is referenced.
+    ``progress`` is called with the number of rows written since its last call, as tasks
+    write them (from the tasks' markers; classic and Spark Connect sessions alike).
     """
     from pyspark.sql import functions as F
 
@@ -174,13 +356,36 @@ def write_files(df: DataFrame, targets: list[TableTarget]) -> list[WrittenFile]:
         df = df.withColumn(TABLE_COLUMN, F.lit(targets[0].key))
     by_key = {t.key: t for t in targets}
     schemas = {t.key: target_schema(df, t) for t in targets}
-    job_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
-    manifest = df.mapInArrow(_file_writer(by_key, job_id, schemas), _MANIFEST_DDL).collect()
-    return [
-        WrittenFile(r["table"], r["path"], r["size"], r["rows"], r["modification_time"],
-                    tuple(tuple(k) for k in json.loads(r["keys"])))
-        for r in manifest
-    ]
+    job_id, folder = _job(targets)
+    with ProgressWatch(folder, progress) as watch:
+        manifest = df.mapInArrow(_file_writer(by_key, job_id, schemas, watch.markers),
+                                 _MANIFEST_DDL).collect()
+    return _written(manifest)
+
+
+def write_tasks(spark: SparkSession, payloads: list[bytes],
+                produce: Callable[[bytes], Iterator[pa.RecordBatch]],
+                targets: list[TableTarget], schemas: dict[str, pa.Schema], *,
+                progress: Callable[[int], None] | None = None) -> list[WrittenFile]:
+    """Run one Spark task per payload: ``produce(payload)`` yields its rows (with a
+    ``_dicomlake_table`` column), which the same task writes as Parquet files; commit nothing.
+
+    This is how a job that computes its rows in Python writes them once: the rows never
+    travel to the JVM and back, no planner process starts for a data source, and the
+    driver's plan decides exactly what each task does. ``produce`` and the payloads travel
+    with the task (``produce`` must be importable on the workers, e.g. a module-level class);
+    each task decodes only its own payload. ``progress`` as in :func:`write_files`.
+    """
+    if not payloads:
+        return []
+    by_key = {t.key: t for t in targets}
+    job_id, folder = _job(targets)
+    with ProgressWatch(folder, progress) as watch:
+        tasks = spark.range(0, len(payloads), 1, len(payloads))
+        manifest = tasks.mapInArrow(
+            _task_writer(payloads, produce, by_key, job_id, schemas, watch.markers),
+            _MANIFEST_DDL).collect()
+    return _written(manifest)
 
 
 def arrow_schema_of(df: DataFrame, columns: list[str] | tuple[str, ...]) -> pa.Schema:

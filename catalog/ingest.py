@@ -11,26 +11,38 @@ and every input the plan listed is among them.
 
 from __future__ import annotations
 
-import json
+import datetime as dt
+import importlib
+import os
+import pickle
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from dicomlake.catalog import tables
 from dicomlake.catalog.delta import (
     TABLE_COLUMN,
     TableTarget,
     WrittenFile,
     commit,
     read_columns,
-    target_schema,
-    write_files,
+    write_tasks,
 )
-from dicomlake.catalog.dicom_source import CORRUPT_RECORD, ERROR_KIND, PROVENANCE, dicom_schema
+from dicomlake.catalog.dicom_source import (
+    CORRUPT_RECORD,
+    ERROR_KIND,
+    TASKS_PER_CORE,
+    DicomDataSourceReader,
+    DicomOptions,
+    ParseMode,
+    dicom_schema,
+    plan_partitions,
+)
 from dicomlake.catalog.duplicates import find_duplicates
 from dicomlake.catalog.errors import ErrorKind
 from dicomlake.catalog.inputs import Source, plan_sources
@@ -39,22 +51,33 @@ from dicomlake.catalog.warehouse import Warehouse
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import SparkSession
 
 SCHEMA = "dicom"
 INSTANCES, ERRORS, WARNINGS = "instances", "errors", "warnings"
 
-INSTANCE_COLUMNS: tuple[str, ...] = (
-    *(f.name for f in dicom_schema().fields
-      if f.name not in (CORRUPT_RECORD, ERROR_KIND, "warnings")),
-    "ingested_at",
-)
-ERROR_COLUMNS: tuple[str, ...] = (
-    *(f.name for f in PROVENANCE.fields), "error_kind", "error", "ingested_at")
-WARNING_COLUMNS: tuple[str, ...] = (
-    "path", "source", "sop_instance_uid", "tag", "keyword", "value", "reason", "ingested_at")
+INSTANCE_COLUMNS: tuple[str, ...] = tables.INSTANCES.columns
+ERROR_COLUMNS: tuple[str, ...] = tables.ERRORS.columns
+WARNING_COLUMNS: tuple[str, ...] = tables.WARNINGS.columns
 """``dicom.warnings``: one row per value that did not parse. ``value`` is the raw text, which
 may identify a patient: the table is PHI like ``dicom.instances``."""
+
+STAGES: tuple[str, ...] = ("plan", "read+write", "commit", "summaries", "register")
+"""An ingest's stages, in order: list sources and decide what to read; read headers and
+write Parquet files (Spark tasks); find duplicates and commit each table; update the
+series/studies summaries; make the tables queryable by name in the session (skipped when
+the caller does not ask for it)."""
+
+
+class IngestProgress(Protocol):
+    """What an ingest tells a progress display (the CLI draws a bar per stage)."""
+
+    def stage(self, name: str, files: int) -> None:
+        """A stage of :data:`STAGES` starts; it will process ``files`` files (0: unknown)."""
+
+    def advance(self, files: int) -> None:
+        """``files`` more files are done in the current stage."""
+
 
 @dataclass
 class IngestResult:
@@ -77,6 +100,7 @@ class IngestResult:
     warnings: int = 0
     duplicates: int = 0
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
     unaccounted: list[str] = field(default_factory=list)
@@ -108,24 +132,34 @@ def _is_stored(source: Source, counts: Counter[tuple[str, str]]) -> bool:
 
 
 class _Progress:
-    """Polls Spark's status tracker and reports files done (tasks carry whole sources)."""
+    """Polls Spark's status tracker and reports rows done (tasks carry whole sources).
+
+    For jobs that do not write through :func:`~dicomlake.catalog.delta.write_files`'s own
+    progress; a Spark Connect session has no status tracker, and then reports nothing.
+    """
 
     def __init__(self, spark: SparkSession, total: int, report: Callable[[int], None]) -> None:
-        self._tracker = spark.sparkContext.statusTracker()
+        try:
+            self._tracker = spark.sparkContext.statusTracker()
+        except Exception:  # Spark Connect: no SparkContext on the client
+            self._tracker = None
         self._total = total
         self._report = report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> _Progress:
-        self._thread.start()
+        if self._tracker is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _run(self) -> None:
+        assert self._tracker is not None
         done_before = 0
         while not self._stop.wait(0.5):
             done = tasks = 0
@@ -256,16 +290,120 @@ def _unaccounted(sources: list[Source], written: list[WrittenFile]) -> list[str]
             for s in sources if got[s.path] < s.input_count]
 
 
-def _read_frame(spark: SparkSession, sources: list[Source]) -> DataFrame:
-    from pyspark.sql import functions as F
+class _IngestRows:
+    """Runs in a task: one planned partition's rows (the ``dicom`` source's reader), with
+    the columns the ingest adds (``ingested_at``, ``error``, ``error_kind``, the table each
+    row goes to) added as Arrow columns."""
 
-    df = (spark.read.format("dicom").option("mode", "PERMISSIVE")
-          .option("paths", json.dumps([s.path for s in sources])).load())
-    return (df.withColumn("ingested_at", F.current_timestamp())
-              .withColumn("error", F.col(CORRUPT_RECORD))
-              .withColumn("error_kind", F.col(ERROR_KIND))
-              .withColumn(TABLE_COLUMN, F.when(F.col(CORRUPT_RECORD).isNull(), F.lit(INSTANCES))
-                          .otherwise(F.lit(ERRORS))))
+    def __init__(self, options: DicomOptions, ingested_at: dt.datetime) -> None:
+        self.options = options
+        self.ingested_at = ingested_at
+
+    def __call__(self, payload: bytes) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        reader = DicomDataSourceReader(self.options, dicom_schema())
+        at = pa.scalar(self.ingested_at, pa.timestamp("us", tz="UTC"))
+        for batch in reader.read(pickle.loads(payload)):
+            corrupt = batch.column(CORRUPT_RECORD)
+            route = pc.if_else(pc.is_null(corrupt), INSTANCES, ERRORS)
+            yield pa.RecordBatch.from_arrays(
+                [*batch.columns, pa.repeat(at, batch.num_rows), corrupt,
+                 batch.column(ERROR_KIND), route],
+                names=[*batch.schema.names, "ingested_at", "error", "error_kind",
+                       TABLE_COLUMN])
+
+
+_WARM_MODULES = ("pyarrow.compute", "pyarrow.parquet", "dicomlake.catalog.archives",
+                 "dicomlake.catalog.header")
+"""What a task imports before its first row (``header`` brings pydicom, the slow one)."""
+
+
+def _warm(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """A warm-up task: imports what reading and writing need, so the ingest's own tasks
+    find Python workers ready (Spark reuses them) instead of paying that first."""
+    for name in _WARM_MODULES:
+        importlib.import_module(name)
+    yield from batches
+
+
+def _parallelism(spark: SparkSession) -> int:
+    """Spark's default parallelism (task slots), also without a SparkContext (Connect)."""
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:  # Spark Connect has no SparkContext on the client
+        configured = spark.conf.get("spark.default.parallelism", None)
+        return int(configured) if configured else os.cpu_count() or 1
+
+
+def _warm_up(spark: SparkSession, slots: int) -> None:
+    """Start Python workers in the background (one tiny task per slot) while the driver
+    plans; the ingest's job then finds them ready. Best effort: the job reports problems."""
+
+    def run() -> None:
+        try:
+            spark.range(0, slots, 1, slots).mapInArrow(_warm, "id long").collect()
+        except Exception:  # the session stopped, or the real job will fail and say why
+            return
+
+    threading.Thread(target=run, name="dicomlake-warm-up", daemon=True).start()
+
+
+class _Stages:
+    """Times each stage and tells the progress display when one starts and what is done
+    (called from the progress watcher's thread too, hence the lock)."""
+
+    def __init__(self, progress: IngestProgress | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._progress = progress
+        self._current: str | None = None
+        self._since = time.perf_counter()
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def start(self, name: str, files: int = 0) -> None:
+        with self._lock:
+            self.end()
+            self._current, self._since, self._done = name, time.perf_counter(), 0
+            if self._progress is not None:
+                self._progress.stage(name, files)
+
+    def advance(self, files: int) -> None:
+        with self._lock:
+            if files <= 0:
+                return
+            self._done += files
+            if self._progress is not None:
+                self._progress.advance(files)
+
+    def complete(self, files: int) -> None:
+        """The stage has done ``files`` in all: report what was not reported yet."""
+        self.advance(files - self._done)
+
+    def end(self) -> None:
+        if self._current is not None:
+            self.seconds[self._current] = time.perf_counter() - self._since
+            self._current = None
+
+
+def _read_and_write(spark: SparkSession, sources: list[Source], targets: list[TableTarget],
+                    stages: _Stages, files: int) -> list[WrittenFile]:
+    """The one Spark job: each task reads its planned partition's headers and writes them
+    as Parquet files, rows never leaving Python; progress comes from the tasks' markers."""
+    slots = _parallelism(spark)
+    options = DicomOptions(paths=tuple(s.path for s in sources), mode=ParseMode.PERMISSIVE,
+                           min_partitions=TASKS_PER_CORE * slots)
+    partitions = plan_partitions(sources, options)
+    payloads = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in partitions]
+    schemas = {t.key: tables.spec(t.key).schema for t in targets}
+    produce = _IngestRows(options, dt.datetime.now(dt.UTC))
+    stages.start("read+write", files)
+    written = write_tasks(spark, payloads, produce, targets, schemas, progress=stages.advance)
+    # where the driver could not see the tasks' markers (a remote Connect server), the bar
+    # catches up here, from the manifest
+    stages.complete(sum(f.rows for f in written if f.table in (INSTANCES, ERRORS)))
+    return written
 
 
 def _touched_keys(table_dir: Path, files: list[str],
@@ -290,34 +428,40 @@ def _touched_keys(table_dir: Path, files: list[str],
 
 
 def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
-           force: bool = False, progress: Callable[[int], None] | None = None,
-           on_plan: Callable[[int, int], None] | None = None) -> IngestResult:
+           force: bool = False, progress: IngestProgress | None = None,
+           register: bool = True) -> IngestResult:
     """Ingest files, folders and globs into the warehouse.
 
     Args:
-        spark: a session from :func:`dicomlake.build_session`.
+        spark: a session from :func:`dicomlake.build_session` (classic or Spark Connect).
         warehouse: where the ``dicom`` tables live.
         paths: archives, DICOM files, folders (recursive) and globs.
         force: re-read sources even when their fingerprint is already stored.
-        progress: called with the number of files finished since the last call.
-        on_plan: called once with (files to read, sources skipped) before reading.
+        progress: told when each of :data:`STAGES` starts and how many files it has done.
+        register: make the tables queryable by name in ``spark`` (this warehouse's, should
+            the session know another's); a process that ends after the ingest, like the
+            CLI, has no use for it, and in a fresh session it costs a Python planner
+            process per new table.
     """
     started = time.perf_counter()
+    stages = _Stages(progress)
     result = IngestResult()
+    stages.start("plan")
     sources = plan_sources(paths)
+    if sources:  # Python workers start while the driver reads what the lake holds
+        _warm_up(spark, _parallelism(spark))
     counts = _existing_counts(warehouse)
     to_read = [s for s in sources if force or not _is_stored(s, counts)]
     result.sources = len(sources)
     result.sources_skipped = len(sources) - len(to_read)
     result.files_planned = sum(s.input_count for s in to_read)
-    if on_plan:
-        on_plan(result.files_planned, result.sources_skipped)
     if not to_read:
+        stages.end()
+        result.stage_seconds = stages.seconds
         result.seconds = time.perf_counter() - started
         return result
 
     dirs = {t: warehouse.table_path(SCHEMA, t) for t in (INSTANCES, ERRORS, WARNINGS)}
-    frame = _read_frame(spark, to_read)
     targets = [
         TableTarget(INSTANCES, str(dirs[INSTANCES]), INSTANCE_COLUMNS,
                     key_columns=("sop_instance_uid", "path", "source")),
@@ -326,10 +470,11 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
         TableTarget(WARNINGS, str(dirs[WARNINGS]), WARNING_COLUMNS, explode="warnings",
                     route=INSTANCES),
     ]
-    schemas = {t.key: target_schema(frame, t) for t in targets}
-    with _Progress(spark, result.files_planned, progress or (lambda n: None)):
-        written = write_files(frame, targets)
+    schemas = {t.key: tables.spec(t.key).schema for t in targets}
+    written = _read_and_write(spark, to_read, targets, stages, result.files_planned)
+    result.files_seen = sum(f.rows for f in written if f.table in (INSTANCES, ERRORS))
 
+    stages.start("commit", result.files_seen)
     replaced = {s.path for s in to_read}
     # before duplicates leave the new files: their series are touched too
     touched = _touched_keys(dirs[INSTANCES], [f.path for f in written if f.table == INSTANCES])
@@ -338,6 +483,8 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
         written = _split_duplicates(dirs[INSTANCES], dirs[ERRORS], written, duplicates,
                                     schemas)
     result.duplicates = len(duplicates)
+    result.rows_written = sum(f.rows for f in written if f.table == INSTANCES)
+    result.errors_recorded = sum(f.rows for f in written if f.table == ERRORS)
 
     # instances last: a reader that sees a row also sees its errors' and warnings' commits
     for table in (ERRORS, WARNINGS, INSTANCES):
@@ -349,22 +496,26 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
                          create_empty=True)
         if version is not None:
             result.versions[table] = version
-        if (SCHEMA, table) in warehouse.tables():
-            warehouse.register(spark, only=(SCHEMA, table))
-    result.rows_written = sum(f.rows for f in written if f.table == INSTANCES)
-    result.errors_recorded = sum(f.rows for f in written if f.table == ERRORS)
+        if table != WARNINGS:
+            stages.advance(sum(f.rows for f in written if f.table == table))
     result.warnings = sum(f.rows for f in written if f.table == WARNINGS)
-    result.files_seen = result.rows_written + result.errors_recorded
     result.unaccounted = _unaccounted(to_read, written)
 
     # Only the series and studies this run touched are recomputed (the tables are built
     # from all instances when missing, e.g. in a lake made by an older version).
+    stages.start("summaries", result.rows_written)
     result.versions.update(update_summaries(warehouse.root, touched))
-    for table in (SERIES, STUDIES):
-        if (SCHEMA, table) in warehouse.tables():
-            warehouse.register(spark, only=(SCHEMA, table))
+    stages.complete(result.rows_written)
+    if register:
+        stages.start("register")
+        for table in (ERRORS, WARNINGS, INSTANCES, SERIES, STUDIES):
+            if (SCHEMA, table) in warehouse.tables():
+                warehouse.register(spark, only=(SCHEMA, table))
+    stages.end()
     kinds = Counter(key[0] for f in written if f.table == ERRORS for key in f.keys)
     result.skipped = kinds.get(ErrorKind.SKIPPED.value, 0)
     result.error_kinds = dict(sorted(kinds.items()))
+    result.stage_seconds = stages.seconds
     result.seconds = time.perf_counter() - started
     return result
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -26,6 +26,54 @@ def start_session(settings: Settings | None = None) -> tuple[Settings, SparkSess
     click.echo(f"Spark ready in {time.perf_counter() - started:.1f} s; "
                f"warehouse {settings.warehouse_path}", err=True)
     return settings, spark
+
+
+class StageBars:
+    """Progress of a job in stages (e.g. an ingest's plan, read+write, commit, summaries).
+
+    On a terminal, one bar per stage with files done, files/s and the time left (each bar
+    stays when its stage ends, so the run leaves a record of every stage's rate). Elsewhere
+    (logs, CI), one line per stage as it ends: a bar redrawn into a file is noise.
+    """
+
+    def __init__(self, *, file: IO[str] | None = None, bars: bool | None = None) -> None:
+        self._file = file or sys.stderr
+        self._bars = self._file.isatty() if bars is None else bars
+        self._bar: Any = None
+        self._name: str | None = None
+        self._done = 0
+        self._since = time.perf_counter()
+
+    def stage(self, name: str, files: int) -> None:
+        """A new stage starts (``files``: how many it will process; 0 if unknown)."""
+        self.close()
+        self._name, self._done, self._since = name, 0, time.perf_counter()
+        if self._bars:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=files or None, unit="file", desc=f"{name:<10}",
+                             file=self._file, leave=True, dynamic_ncols=True)
+
+    def advance(self, files: int) -> None:
+        """``files`` more are done in the current stage."""
+        self._done += files
+        if self._bar is not None:
+            self._bar.update(files)
+
+    def close(self) -> None:
+        """End the current stage's display (the next stage, or the end of the job)."""
+        if self._name is None:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        else:
+            seconds = time.perf_counter() - self._since
+            done = (f"{self._done} files in {seconds:.1f} s "
+                    f"({self._done / seconds if seconds else 0.0:.0f} files/s)"
+                    if self._done else f"{seconds:.1f} s")
+            click.echo(f"{self._name}: {done}", file=self._file)
+        self._name = None
 
 
 def _cell(value: Any, width: int) -> str:

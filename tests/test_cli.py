@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import re
 import zipfile
 
 from click.testing import CliRunner
 
 from dicomlake.cli import main
+from dicomlake.console import StageBars
 
 
 def test_sample_writes_archives_of_dicom(tmp_path):
@@ -25,6 +28,20 @@ def test_ingest_prints_the_accounting(spark, settings, sample_archives):
     assert result.exit_code == 0, result.output
     assert "files seen: 61 = rows written: 60 + errors recorded: 1" in result.output
     assert "not_dicom: 1" in result.output
+    # without a terminal: one line per stage as it ends, then where the time went
+    lines = result.output.splitlines()
+    stages = [m[1] for line in lines
+              if (m := re.match(r"^(plan|read\+write|commit|summaries|register): ", line))]
+    assert stages == ["plan", "read+write", "commit", "summaries"]  # the CLI registers nothing
+    assert re.search(r"^read\+write: 61 files in [\d.]+ s \(\d+ files/s\)$", result.output,
+                     re.MULTILINE)
+    assert re.search(r"^commit: 61 files in", result.output, re.MULTILINE)
+    final = re.search(r"^time: ([\d.]+) s \(\d+ files/s\): plan ([\d.]+) s, "
+                      r"read\+write ([\d.]+) s, commit ([\d.]+) s, summaries ([\d.]+) s$",
+                      result.output, re.MULTILINE)
+    assert final, result.output
+    total, *parts = (float(x) for x in final.groups())
+    assert 0 < sum(parts) <= total + 0.2  # each 0.05 of rounding at most
     again = CliRunner().invoke(main, ["ingest", str(sample_archives[0].parent)])
     assert "sources: 3 (3 unchanged, skipped)" in again.output
     tables = CliRunner().invoke(main, ["tables"])
@@ -67,3 +84,31 @@ def test_ingest_of_damaged_and_odd_inputs_exits_0_and_counts_every_input(spark, 
             in result.output)
     assert "bad_archive: 1, dicomdir: 1, skipped: 2" in result.output
     assert "values kept as text: 1" in result.output
+
+
+def test_stage_bars_draw_rate_and_time_left_on_a_terminal():
+    out = io.StringIO()
+    bars = StageBars(file=out, bars=True)
+    bars.stage("read+write", 10)
+    bars.advance(4)
+    bars.advance(6)
+    bars.stage("commit", 10)
+    bars.advance(10)
+    bars.close()
+    text = out.getvalue()
+    assert re.search(r"read\+write\s*: 100%.*10/10 \[[\d:]+<[\d:]+, +[\d.]+ *file/s\]", text)
+    assert re.search(r"commit\s*: 100%.*10/10", text)
+
+
+def test_stage_bars_print_a_line_per_stage_elsewhere():
+    out = io.StringIO()
+    bars = StageBars(file=out)  # a StringIO is no terminal
+    bars.stage("plan", 0)
+    bars.stage("read+write", 3)
+    bars.advance(3)
+    bars.close()
+    bars.close()  # a second close adds nothing
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"plan: [\d.]+ s", lines[0])
+    assert re.fullmatch(r"read\+write: 3 files in [\d.]+ s \(\d+ files/s\)", lines[1])

@@ -12,9 +12,25 @@ import pytest
 from deltalake import DeltaTable
 from dicom_files import shipped, write_zip
 
-from dicomlake.catalog.ingest import ingest
+from dicomlake.catalog.ingest import STAGES, ingest
 from dicomlake.catalog.sample import Profile, make_sample
 from dicomlake.catalog.warehouse import Warehouse
+
+
+class _Recorder:
+    """An ingest's progress, as a display would receive it."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, int]] = []
+        self.done: dict[str, int] = {}
+
+    def stage(self, name: str, files: int) -> None:
+        self.stages.append((name, files))
+        self.done[name] = 0
+
+    def advance(self, files: int) -> None:
+        assert files > 0
+        self.done[self.stages[-1][0]] += files
 
 
 @pytest.fixture
@@ -37,10 +53,19 @@ def test_every_input_is_a_row_or_an_error(spark, lake, tmp_path, sample_archives
     (inputs / "broken.zip").write_bytes(sample_archives[1].read_bytes()[:5000])
     write_zip(inputs / "mixed.zip", {"ok.dcm": shipped("MR_small.dcm"), "empty.dcm": b""})
     missing = str(tmp_path / "nowhere.zip")
+    progress = _Recorder()
 
-    result = ingest(spark, lake, [str(inputs), missing])
+    result = ingest(spark, lake, [str(inputs), missing], progress=progress)
 
     assert result.files_seen == 21 + 1 + 2 + 1
+    # every stage reported, in order, each counting up to what it processed
+    assert [name for name, _ in progress.stages] == list(STAGES)
+    assert progress.stages == [("plan", 0), ("read+write", 25), ("commit", 25),
+                               ("summaries", 21), ("register", 0)]
+    assert progress.done == {"plan": 0, "read+write": 25, "commit": 25, "summaries": 21,
+                             "register": 0}
+    assert list(result.stage_seconds) == list(STAGES)
+    assert sum(result.stage_seconds.values()) <= result.seconds
     assert result.balanced
     assert (result.rows_written, result.errors_recorded) == (21, 4)
     assert result.error_kinds == {"bad_archive": 1, "empty": 1, "not_dicom": 1,
@@ -52,6 +77,20 @@ def test_every_input_is_a_row_or_an_error(spark, lake, tmp_path, sample_archives
     assert errors["unreadable"]["path"] == missing
     # one atomic commit per table for the whole job
     assert _version(lake, "instances") == 0 and _version(lake, "errors") == 0
+
+
+def test_tasks_report_rows_as_they_write_them(spark, tmp_path):
+    """Progress comes from the tasks' own markers (no SparkContext needed): the rows a job's
+    tasks report add up to the rows written, and the markers are gone afterwards."""
+    from dicomlake.catalog.delta import PROGRESS_FOLDER, TableTarget, write_files
+
+    df = spark.range(0, 3000, 1, 3).selectExpr("id", "CAST(id AS STRING) AS name")
+    reports: list[int] = []
+    target = TableTarget("t", str(tmp_path / "t"), ("id", "name"), key_columns=("name",))
+    written = write_files(df, [target], progress=reports.append)
+    assert sum(reports) == 3000 == sum(f.rows for f in written)
+    assert sorted(int(k[0]) for f in written for k in f.keys) == list(range(3000))
+    assert not (tmp_path / "t" / PROGRESS_FOLDER).exists()
 
 
 def test_summaries_agree_with_instances(spark, lake, sample_archives):
