@@ -272,9 +272,9 @@ class SparkEngine:
         if self.connect:
             self.spark.clearTags()
             return
-        self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)  # type: ignore[arg-type]
-        self.spark.sparkContext.setLocalProperty("spark.job.description", None)  # type: ignore[arg-type]
-        self.spark.sparkContext.setLocalProperty("spark.job.interruptOnCancel", None)  # type: ignore[arg-type]
+        self.spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+        self.spark.sparkContext.setLocalProperty("spark.job.description", None)
+        self.spark.sparkContext.setLocalProperty("spark.job.interruptOnCancel", None)
 
 
 def engine_error_or_cancel(exc: BaseException, cancelled: QueryError | None) -> QueryError:

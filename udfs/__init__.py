@@ -17,7 +17,7 @@ the SQL service registers the clinician and analyst scopes in their own sessions
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicomlake.udfs.errors import (
     CodebookError,
@@ -36,6 +36,8 @@ from dicomlake.udfs.settings import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyspark.sql import SparkSession
 
     from dicomlake.config import Settings
@@ -78,6 +80,14 @@ def _session_settings(spark: SparkSession) -> Settings:
     return loaded
 
 
+def _vectorized(fn: Callable[..., Any], return_type: str) -> Any:
+    """``pandas_udf(fn, return_type)``: pyspark's stubs type only the decorator forms, so
+    the plain call (what the runtime documents too) needs this one narrow ignore."""
+    from pyspark.sql.functions import pandas_udf
+
+    return pandas_udf(fn, return_type)  # type: ignore[call-overload]
+
+
 def register_functions(spark: SparkSession, settings: Settings | None = None,
                        similarity: SimilaritySettings | None = None,
                        scope: ImageScope = ADMIN_SCOPE) -> None:
@@ -87,7 +97,8 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     settings to point ``image_knn`` at another code store (or ``image_embedding`` at another
     backend).
     """
-    from pyspark.sql.functions import pandas_udf, udtf
+    from pyspark.sql.functions import udtf
+    from pyspark.sql.udtf import UserDefinedTableFunction
 
     from dicomlake.udfs.knn import KNN_DDL, make_udtf
     from dicomlake.udfs.sqlfuncs import (
@@ -101,12 +112,14 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     similarity = similarity or load_similarity(settings)
     home, warehouse = str(settings.home), str(settings.warehouse_path)
     handler = make_udtf(home, warehouse, similarity, scope)
-    spark.udtf.register("image_knn", udtf(handler, returnType=KNN_DDL))
-    spark.udf.register("dicom_thumbnail",
-                       pandas_udf(make_thumbnail(home, warehouse, scope), "binary"))
+    knn = udtf(handler, returnType=KNN_DDL)
+    assert isinstance(knn, UserDefinedTableFunction)  # udtf(f, ...) returns one, not a decorator
+    spark.udtf.register("image_knn", knn)
+    spark.udf.register("dicom_thumbnail", _vectorized(make_thumbnail(home, warehouse, scope),
+                                                      "binary"))
     backend = similarity.backend.value
-    spark.udf.register("image_embedding", pandas_udf(
+    spark.udf.register("image_embedding", _vectorized(
         make_embedding(home, warehouse, scope, backend, similarity.batch_size), "array<float>"))
-    spark.udf.register("pq_encode", pandas_udf(make_pq_encode(warehouse, backend), "binary"))
+    spark.udf.register("pq_encode", _vectorized(make_pq_encode(warehouse, backend), "binary"))
     spark.udf.register("pq_distance",
-                       pandas_udf(make_pq_distance(warehouse, backend), "double"))
+                       _vectorized(make_pq_distance(warehouse, backend), "double"))
