@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dicomlake.catalog.deid import DEID_SCHEMA
+from dicomlake.session import is_connect
 from dicomlake.sql import errors as E
 from dicomlake.sql.errors import QueryError
 from dicomlake.sql.guard import Allowance, PlanGuard, builtin_functions
@@ -90,11 +91,6 @@ def readable(role: Role, schema: str) -> bool:
     if role is Role.CLINICIAN:
         return schema not in ADMIN_ONLY_SCHEMAS
     return schema == DEID_SCHEMA
-
-
-def is_remote(spark: SparkSession) -> bool:
-    """True for a Spark Connect session (no JVM in this process)."""
-    return not hasattr(spark, "_jsparkSession")
 
 
 @dataclass
@@ -190,7 +186,7 @@ class RoleSessions:
     def __init__(self, spark: SparkSession, settings: Settings) -> None:
         from dicomlake.udfs import ANALYST_SCOPE, CLINICIAN_SCOPE, register_functions
 
-        self.remote = is_remote(spark)
+        self.remote = is_connect(spark)
         self._sessions: dict[Role, RoleSession] = {Role.ADMIN: RoleSession(Role.ADMIN, spark)}
         if self.remote:
             return
