@@ -74,11 +74,16 @@ def test_one_huge_archive_becomes_member_ranges():
     assert {piece.source.fingerprint for piece in pieces} == {huge.fingerprint}
 
 
-def test_a_huge_archive_is_also_split_by_bytes():
-    big = _zip("big", 100, member_bytes=30 * MIB)
-    parts = plan_partitions([big], _options(max_partition_bytes=256 * MIB,
-                                            open_cost_in_bytes=MIB, min_partitions=1))
-    assert [_members(p) for p in parts] == [8] * 12 + [4]  # 8 x 30 MiB <= 256 MiB < 9 x 30 MiB
+def test_zip_members_count_by_number_and_streamed_files_by_bytes():
+    """A ZIP member is read up to its pixel data whatever its size; a plain file may be a
+    tar or a compressed file read through, so its bytes count."""
+    big_members = _zip("big", 100, member_bytes=30 * MIB)
+    targz = _file("scan.tar.gz", 3 << 30)
+    parts = plan_partitions([big_members, targz],
+                            _options(max_partition_bytes=256 * MIB, min_partitions=1))
+    assert sorted(_members(p) for p in parts) == [1, 100]  # neither split nor packed together
+    assert [s.source.path for p in parts for s in p.slices if len(s.source.members) == 100] \
+        == [big_members.path]
 
 
 def test_work_spreads_over_min_partitions_when_there_is_enough():
