@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import os
 import pickle
 import threading
 import time
@@ -48,6 +47,7 @@ from dicomlake.catalog.errors import ErrorKind
 from dicomlake.catalog.inputs import Source, plan_sources
 from dicomlake.catalog.summaries import SERIES, STUDIES, TouchedKeys, update_summaries
 from dicomlake.catalog.warehouse import Warehouse
+from dicomlake.session import default_parallelism
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -129,50 +129,6 @@ def _is_stored(source: Source, counts: Counter[tuple[str, str]]) -> bool:
     (archives found inside add more). Faulty sources are tried again, skips are not."""
     readable = source.error is None or source.error[0] is ErrorKind.SKIPPED
     return readable and counts[(source.path, source.fingerprint)] >= source.input_count
-
-
-class _Progress:
-    """Polls Spark's status tracker and reports rows done (tasks carry whole sources).
-
-    For jobs that do not write through :func:`~dicomlake.catalog.delta.write_files`'s own
-    progress; a Spark Connect session has no status tracker, and then reports nothing.
-    """
-
-    def __init__(self, spark: SparkSession, total: int, report: Callable[[int], None]) -> None:
-        try:
-            self._tracker = spark.sparkContext.statusTracker()
-        except Exception:  # Spark Connect: no SparkContext on the client
-            self._tracker = None
-        self._total = total
-        self._report = report
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Progress:
-        if self._tracker is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        assert self._tracker is not None
-        done_before = 0
-        while not self._stop.wait(0.5):
-            done = tasks = 0
-            for stage_id in self._tracker.getActiveStageIds():
-                info = self._tracker.getStageInfo(stage_id)
-                if info is not None:
-                    done += info.numCompletedTasks
-                    tasks += info.numTasks
-            if tasks:
-                files = min(self._total, round(self._total * done / tasks))
-                if files > done_before:
-                    self._report(files - done_before)
-                    done_before = files
 
 
 def _rewrite(table_path: Path, rel: str, keep: Callable[[pa.Table], pa.Array],
@@ -328,15 +284,6 @@ def _warm(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     yield from batches
 
 
-def _parallelism(spark: SparkSession) -> int:
-    """Spark's default parallelism (task slots), also without a SparkContext (Connect)."""
-    try:
-        return int(spark.sparkContext.defaultParallelism)
-    except Exception:  # Spark Connect has no SparkContext on the client
-        configured = spark.conf.get("spark.default.parallelism", None)
-        return int(configured) if configured else os.cpu_count() or 1
-
-
 def _warm_up(spark: SparkSession, slots: int) -> None:
     """Start Python workers in the background (one tiny task per slot) while the driver
     plans; the ingest's job then finds them ready. Best effort: the job reports problems."""
@@ -391,7 +338,7 @@ def _read_and_write(spark: SparkSession, sources: list[Source], targets: list[Ta
                     stages: _Stages, files: int) -> list[WrittenFile]:
     """The one Spark job: each task reads its planned partition's headers and writes them
     as Parquet files, rows never leaving Python; progress comes from the tasks' markers."""
-    slots = _parallelism(spark)
+    slots = default_parallelism(spark)
     options = DicomOptions(paths=tuple(s.path for s in sources), mode=ParseMode.PERMISSIVE,
                            min_partitions=TASKS_PER_CORE * slots)
     partitions = plan_partitions(sources, options)
@@ -449,7 +396,7 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
     stages.start("plan")
     sources = plan_sources(paths)
     if sources:  # Python workers start while the driver reads what the lake holds
-        _warm_up(spark, _parallelism(spark))
+        _warm_up(spark, default_parallelism(spark))
     counts = _existing_counts(warehouse)
     to_read = [s for s in sources if force or not _is_stored(s, counts)]
     result.sources = len(sources)

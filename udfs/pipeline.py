@@ -89,8 +89,6 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
 
     Returns (instances read, embedding rows, pixel error rows).
     """
-    from dicomlake.catalog.ingest import _Progress
-
     warehouse = Warehouse(settings.warehouse_path)
     model_mod.prepare(settings.home, similarity.backend)  # once, on the driver
     version = model_mod.model_info(similarity.backend).version
@@ -109,8 +107,17 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
                            embed_output_schema())
     targets = [TableTarget(t.name, str(t.path(warehouse.root)), t.columns)
                for t in (tables.EMBEDDINGS, tables.PIXEL_ERRORS)]
-    with _Progress(spark, count, progress or (lambda n: None)):
-        written = write_files(rows, targets)
+    reported = 0
+
+    def report(rows_written: int) -> None:
+        # rows are frames (a multi-frame image gives several): the bar counts images
+        nonlocal reported
+        step = min(rows_written, count - reported)
+        if step > 0 and progress is not None:
+            reported += step
+            progress(step)
+
+    written = write_files(rows, targets, progress=report)
     totals = {}
     for target in targets:
         adds = [f for f in written if f.table == target.key]
