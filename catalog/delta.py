@@ -528,7 +528,8 @@ class DeltaTableReader(DataSourceReader):
             parts.append(DeltaFilesPartition(tuple(group), file_schema))
         return parts
 
-    def read(self, partition: DeltaFilesPartition) -> Iterator[pa.RecordBatch]:
+    # pyspark types the argument as the base InputPartition; Spark hands back our own
+    def read(self, partition: DeltaFilesPartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
         import pyarrow as pa
         from pyspark.sql.pandas.types import to_arrow_schema
 

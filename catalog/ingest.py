@@ -209,8 +209,12 @@ def _split_duplicates(table_dir: Path, errors_dir: Path, written: list[WrittenFi
         data = pq.read_table(table_dir / f.path)
         is_dup = pc.is_in(data.column("path"), dup_paths)
         moved.append(data.filter(is_dup))
-        kept = _rewrite(table_dir, f.path,
-                        lambda t, dup=is_dup: pc.invert(dup), schemas[INSTANCES])
+        kept_mask = pc.invert(is_dup)
+
+        def keep(_rows: pa.Table, mask: pa.Array = kept_mask) -> pa.Array:
+            return mask  # bound now: the loop moves on to the next file
+
+        kept = _rewrite(table_dir, f.path, keep, schemas[INSTANCES])
         (table_dir / f.path).unlink()
         if kept is not None:
             kept_keys = tuple(k for k in f.keys if k[1] not in duplicates)
