@@ -46,19 +46,22 @@ def test_featurize_gives_a_row_per_frame_and_an_error_row_per_undecodable_image(
               features.ImageInput("u-gone", "/nonexistent/file.dcm")]
 
     class Counting:
-        calls: list[int] = []
+        def __init__(self) -> None:
+            self.calls: list[int] = []
 
         def embed(self, images: np.ndarray) -> np.ndarray:
             self.calls.append(len(images))
             return np.arange(len(images) * model.info.dim, dtype=np.float32).reshape(
                 len(images), -1)
 
-    model._embedder = Counting()  # the network is tested elsewhere; this is the plumbing
+    counting = Counting()
+    model._embedder = counting  # the network is tested elsewhere; this is the plumbing
     out = list(features.featurize(inputs, model, batch_size=4))
     emb = pa.concat_tables([o.embeddings for o in out])
     errors = pa.concat_tables([o.pixel_errors for o in out])
     frames = emb.column("frame").to_pylist()
     assert frames == list(range(len(frames))) and len(frames) > 1  # emri_small is multi-frame
+    assert sum(counting.calls) == len(frames)  # every frame went through the model, once
     assert set(emb.column("sop_instance_uid").to_pylist()) == {"u-mf"}
     assert sorted(errors.column("error_kind").to_pylist()) == ["no_pixels", "unreadable"]
     assert [i for o in out for i in o.error_inputs] == [1, 2]
