@@ -112,3 +112,12 @@ def test_stage_bars_print_a_line_per_stage_elsewhere():
     assert len(lines) == 2
     assert re.fullmatch(r"plan: [\d.]+ s", lines[0])
     assert re.fullmatch(r"read\+write: 3 files in [\d.]+ s \(\d+ files/s\)", lines[1])
+
+
+def test_sample_profiles_are_the_sample_modules_own():
+    """The option lists its choices literally (importing pydicom would slow every command)."""
+    from dicomlake.catalog.commands import sample
+    from dicomlake.catalog.sample import Profile
+
+    option = next(p for p in sample.params if p.name == "profile")
+    assert list(option.type.choices) == [p.value for p in Profile]
