@@ -98,7 +98,6 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     backend).
     """
     from pyspark.sql.functions import udtf
-    from pyspark.sql.udtf import UserDefinedTableFunction
 
     from dicomlake.udfs.knn import KNN_DDL, make_udtf
     from dicomlake.udfs.sqlfuncs import (
@@ -112,9 +111,9 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     similarity = similarity or load_similarity(settings)
     home, warehouse = str(settings.home), str(settings.warehouse_path)
     handler = make_udtf(home, warehouse, similarity, scope)
-    knn = udtf(handler, returnType=KNN_DDL)
-    assert isinstance(knn, UserDefinedTableFunction)  # udtf(f, ...) returns one, not a decorator
-    spark.udtf.register("image_knn", knn)
+    # udtf(f, ...) returns the function itself (a classic or a Spark Connect class), never
+    # the decorator the stub's union also allows
+    spark.udtf.register("image_knn", udtf(handler, returnType=KNN_DDL))  # type: ignore[arg-type]
     spark.udf.register("dicom_thumbnail", _vectorized(make_thumbnail(home, warehouse, scope),
                                                       "binary"))
     backend = similarity.backend.value
