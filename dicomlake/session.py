@@ -46,8 +46,9 @@ _LOCAL_DEFAULTS = {
 
 
 def is_connect(spark: SparkSession) -> bool:
-    """True for a Spark Connect session: no JVM and no ``SparkContext`` in this process."""
-    return type(spark).__module__.startswith("pyspark.sql.connect")
+    """True for a Spark Connect session: no JVM and no ``SparkContext`` in this process
+    (told by what the session lacks, so anything without a JVM is treated alike)."""
+    return not hasattr(spark, "_jsparkSession")
 
 
 def default_parallelism(spark: SparkSession) -> int:
