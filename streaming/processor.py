@@ -181,9 +181,6 @@ class LakeWriter:
         self._books = FollowedTable(tables.CODEBOOKS.path(self.warehouse))
 
     # -- tables -------------------------------------------------------------------------
-    def path(self, table: str) -> Path:
-        return self.appender.path(table)
-
     def app_id(self, partition: int) -> str:
         return self.appender.app_id(partition)
 
