@@ -114,17 +114,30 @@ def test_insert_column_name_from_tree(page):
     assert "SELECT body_part_examined" in editor.inner_text()
 
 
+# CodeMirror ignores Enter on a completion list for its `interactionDelay` (75 ms by
+# default) after the list opens, so that a fast typist does not accept by accident; a test
+# that presses Enter the instant the list shows gets a newline instead (seen in CI).
+COMPLETION_INTERACTION_DELAY_MS = 75
+
+
+def accept_completion(page, label: str) -> None:
+    """Wait for `label` in the completion list, then accept it as a user would."""
+    page.wait_for_selector(f".cm-tooltip-autocomplete li:has-text('{label}')")
+    page.wait_for_timeout(3 * COMPLETION_INTERACTION_DELAY_MS)
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".cm-tooltip-autocomplete", state="detached")
+
+
 def test_editor_completes_table_and_column_names(page):
     editor = page.locator(".jp-DicomlakeSql-editor .cm-content")
     editor.click()
     page.keyboard.press("Control+A")
     page.keyboard.type("SELECT * FROM dicom.stu")
-    page.wait_for_selector(".cm-tooltip-autocomplete li:has-text('studies')")
-    page.keyboard.press("Enter")
+    accept_completion(page, "studies")
     page.keyboard.type(" WHERE patient_na")
     page.wait_for_selector(".cm-tooltip-autocomplete li:has-text('patient_name')")
     shot(page, "04b-completion")
-    page.keyboard.press("Enter")
+    accept_completion(page, "patient_name")
     assert editor.inner_text() == "SELECT * FROM dicom.studies WHERE patient_name"
 
 
