@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import orjson
 import pydicom
 import pytest
 from dicom_files import shipped
@@ -132,6 +133,41 @@ class TestFastPath:
                 mismatched.add(path.name)
         assert compared > 150
         assert mismatched == self.NESTED_BULK | self.CUT_SHORT
+
+    def test_what_is_read_first_never_changes_the_result(self):
+        """The parser restarts on a longer prefix when its first read stops short, and that
+        first read follows the last header's size: so every file must parse the same
+        whatever came before it, with too little, exactly enough or the whole file read
+        first, with its size known or not (a stream)."""
+        import warnings
+
+        from dicomlake.bench.realworld import REALWORLD_DIR
+        from dicomlake.catalog import header as h
+        from dicomlake.catalog.sample import template_dirs
+
+        warnings.simplefilter("ignore")
+        paths = sorted(p for d in [*template_dirs(), REALWORLD_DIR] for p in d.rglob("*")
+                       if p.is_file())
+        compared = 0
+        for path in paths:
+            data = path.read_bytes()
+            if data[128:132] != b"DICM":
+                continue
+            for size in (len(data), None):
+                outcomes = set()
+                for first in (140, 1000, 8 << 10, len(data) // 2, len(data), None):
+                    try:
+                        got = h._fast_header(io.BytesIO(data), "u", size, 1 << 26, first)
+                        outcomes.add((orjson.dumps(got.meta), got.pixel_data_offset,
+                                      got.pixel_data_length, repr(got.warnings),
+                                      got.transfer_syntax_uid))
+                    except h._UsePydicom:
+                        outcomes.add("pydicom")
+                    except HeaderError as exc:
+                        outcomes.add(exc.kind)
+                assert len(outcomes) == 1, (path.name, size, outcomes)
+            compared += 1
+        assert compared > 200
 
     def test_prefix_grows_until_the_header_fits(self):
         """A header longer than the first read (16 KiB) is still parsed whole."""
