@@ -329,7 +329,9 @@ def spark_cores(spark: SparkSession | None = None) -> int:
         from dicomlake.session import build_session
 
         spark = build_session()
-    return int(spark.sparkContext.defaultParallelism)
+    from dicomlake.session import default_parallelism
+
+    return default_parallelism(spark)
 
 
 def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -440,8 +442,9 @@ def zipdcm_ingest(paths: tuple[str, ...]) -> None:
 
     start = commands.start_session
 
-    def start_with_zipdcm(settings: Settings | None = None) -> tuple[Settings, SparkSession]:
-        settings, spark = start(settings)
+    def start_with_zipdcm(settings: Settings | None = None, *,
+                          warm: Sequence[str] = ()) -> tuple[Settings, SparkSession]:
+        settings, spark = start(settings, warm=warm)
         spark.dataSource.register(ZipdcmMethodDataSource)
         return settings, spark
 

@@ -78,7 +78,9 @@ def run_ingest(spark: object, warehouse_path: Path, paths: tuple[str, ...],
 @click.option("--force", is_flag=True, help="Re-read sources even if already ingested.")
 def ingest(paths: tuple[str, ...], force: bool) -> None:
     """Ingest ZIP archives, DICOM files, folders or globs into the dicom.* tables."""
-    settings, spark = start_session()
+    from dicomlake.catalog.ingest import WORKER_MODULES
+
+    settings, spark = start_session(warm=WORKER_MODULES)
     # the process ends after the ingest: registering new tables in its session is wasted
     result = run_ingest(spark, settings.warehouse_path, paths, force, register=False)
     if not getattr(result, "balanced", True):

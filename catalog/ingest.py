@@ -12,7 +12,6 @@ and every input the plan listed is among them.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import pickle
 import threading
 import time
@@ -275,30 +274,11 @@ class _IngestRows:
                        TABLE_COLUMN])
 
 
-_WARM_MODULES = ("pyarrow.compute", "pyarrow.parquet", "dicomlake.catalog.archives",
-                 "dicomlake.catalog.header")
-"""What a task imports before its first row (``header`` brings pydicom, the slow one)."""
-
-
-def _warm(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """A warm-up task: imports what reading and writing need, so the ingest's own tasks
-    find Python workers ready (Spark reuses them) instead of paying that first."""
-    for name in _WARM_MODULES:
-        importlib.import_module(name)
-    yield from batches
-
-
-def _warm_up(spark: SparkSession, slots: int) -> None:
-    """Start Python workers in the background (one tiny task per slot) while the driver
-    plans; the ingest's job then finds them ready. Best effort: the job reports problems."""
-
-    def run() -> None:
-        try:
-            spark.range(0, slots, 1, slots).mapInArrow(_warm, "id long").collect()
-        except Exception:  # the session stopped, or the real job will fail and say why
-            return
-
-    threading.Thread(target=run, name="dicomlake-warm-up", daemon=True).start()
+WORKER_MODULES = ("pyarrow.compute", "pyarrow.parquet", "dicomlake.catalog.ingest",
+                  "dicomlake.catalog.archives", "dicomlake.catalog.header")
+"""What an ingest task imports before its first row (``header`` brings pydicom, the slow
+one): a process that starts a session to ingest warms its workers with these
+(:func:`dicomlake.session.warm_workers`)."""
 
 
 class _Stages:
@@ -399,8 +379,6 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
     result = IngestResult()
     stages.start("plan")
     sources = plan_sources(paths)
-    if sources:  # Python workers start while the driver reads what the lake holds
-        _warm_up(spark, default_parallelism(spark))
     counts = _existing_counts(warehouse)
     to_read = [s for s in sources if force or not _is_stored(s, counts)]
     result.sources = len(sources)

@@ -15,14 +15,17 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-def start_session(settings: Settings | None = None) -> tuple[Settings, SparkSession]:
-    """Load settings and start Spark, telling the user why the first seconds are quiet."""
+def start_session(settings: Settings | None = None, *,
+                  warm: Sequence[str] = ()) -> tuple[Settings, SparkSession]:
+    """Load settings and start Spark, telling the user why the first seconds are quiet
+    (``warm``: modules the command's Python tasks import, see
+    :func:`dicomlake.session.warm_workers`)."""
     from dicomlake.session import build_session
 
     settings = settings or load_settings()
     click.echo(f"Starting Spark ({settings.spark.master}); this takes ~15 s ...", err=True)
     started = time.perf_counter()
-    spark = build_session(settings)
+    spark = build_session(settings, warm=warm)
     click.echo(f"Spark ready in {time.perf_counter() - started:.1f} s; "
                f"warehouse {settings.warehouse_path}", err=True)
     return settings, spark
