@@ -12,11 +12,10 @@ core-second come from the marginal cost, with cores = Spark's parallelism.
 
 The zipdcm method end to end (whole member, full pydicom parse, ``to_json_dict``, pixel tags
 dropped) runs through a benchmark-only driver, the hidden command ``dicomlake bench
-zipdcm-ingest PATHS``: the body of ``dicomlake ingest`` (same session start, same
-:func:`dicomlake.catalog.ingest.ingest`, same writer, duplicate check, commits and
-summaries) with the session's ``dicom`` source replaced, in that process only, by
-:class:`ZipdcmMethodDataSource`, which builds the same rows from the zipdcm parse. The product
-has no switch for this: nothing outside the benchmark can select the slower reader.
+zipdcm-ingest PATHS``: the steps of ``dicomlake ingest`` (same session start, same
+:func:`dicomlake.catalog.ingest.ingest`, same planned tasks, writer, duplicate check, commits
+and summaries) with the tasks' reader replaced by :class:`ZipdcmMethodReader`, which builds
+the same rows from the zipdcm parse. The CLI has no switch for this.
 
 The read alone (``read_files_per_core_second``, ``read_speedup_vs_zipdcm`` and the other
 ``zipdcm_*``/``extract_*`` keys) runs three readers through Spark on the smaller size's
@@ -64,7 +63,7 @@ from pydicom.uid import UID
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 
 from dicomlake.catalog.archives import MEMBER_SEPARATOR, Found, member_label
-from dicomlake.catalog.dicom_source import dicom_schema
+from dicomlake.catalog.dicom_source import DicomDataSourceReader, DicomInputPartition
 from dicomlake.catalog.header import Header
 from dicomlake.catalog.inputs import Source, plan_sources
 from dicomlake.catalog.rows import Origin, instance_row
@@ -72,11 +71,8 @@ from dicomlake.catalog.sample import find_template
 from dicomlake.config import load_settings
 
 if TYPE_CHECKING:
-    import pyarrow as pa
     from pyspark.sql import SparkSession
-    from pyspark.sql.types import StructType
 
-    from dicomlake.config import Settings
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -372,9 +368,10 @@ class SourcePartition(InputPartition):
     source: Source
 
 
-def _member_rows(source: Source) -> Iterator[dict[str, Any]]:
-    """``dicom.instances`` rows from the zipdcm parse (whole member, full ``dcmread``)."""
-    origin = Origin(source.path, source.fingerprint, source.input_count)
+def _member_rows(source: Source, inputs: int) -> Iterator[dict[str, Any]]:
+    """``dicom.instances`` rows from the zipdcm parse (whole member, full ``dcmread``) of
+    the listed members of ``source`` (``inputs``: the whole source's planned count)."""
+    origin = Origin(source.path, source.fingerprint, inputs)
     with zipfile.ZipFile(source.path) as zf:
         infos = zf.infolist()
         seen: set[str] = set()
@@ -391,66 +388,31 @@ def _member_rows(source: Source) -> Iterator[dict[str, Any]]:
             yield instance_row(origin, found)
 
 
-class _ZipdcmMethodReader(DataSourceReader):
-    def __init__(self, paths: list[str], schema: StructType) -> None:
-        self.paths = paths
-        self.schema = schema
+class ZipdcmMethodReader(DicomDataSourceReader):
+    """Benchmark only: the ingest's tasks read their partitions with the zipdcm method
+    instead of this project's parse; the rows then take the product's path (Arrow batches,
+    the tasks' Parquet writer, duplicate check, commits, summaries). Archives only; like
+    zipdcm it has no permissive mode (a member that does not parse fails the job)."""
 
-    def partitions(self) -> list[SourcePartition]:
-        return [SourcePartition(s) for s in plan_sources(self.paths)]
-
-    # Spark passes back only what partitions() planned (the stub says InputPartition)
-    def read(self, partition: SourcePartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
-        import pyarrow as pa
-        from pyspark.sql.pandas.types import to_arrow_schema
-
+    def _rows(self, partition: DicomInputPartition) -> Iterator[dict[str, Any]]:
         warnings.simplefilter("ignore")
-        schema = to_arrow_schema(self.schema, timezone="UTC")
-        rows: list[dict[str, Any]] = []
-        for row in _member_rows(partition.source):
-            rows.append(row)
-            if len(rows) == 256:
-                yield pa.RecordBatch.from_pylist(rows, schema=schema)
-                rows = []
-        if rows:
-            yield pa.RecordBatch.from_pylist(rows, schema=schema)
-
-
-class ZipdcmMethodDataSource(DataSource):
-    """Benchmark only: the zipdcm method under the name ``dicom``, so the ingest's own
-    writer consumes it. Archives only; like zipdcm it has no permissive mode (a file that
-    does not parse fails the job)."""
-
-    @classmethod
-    def name(cls) -> str:
-        return "dicom"
-
-    def schema(self) -> StructType:
-        return dicom_schema()
-
-    def reader(self, schema: StructType) -> _ZipdcmMethodReader:
-        opts = {k.lower(): v for k, v in self.options.items()}
-        paths = json.loads(opts["paths"]) if "paths" in opts else [opts["path"]]
-        return _ZipdcmMethodReader(paths, schema)
+        for piece in partition.slices:
+            yield from _member_rows(piece.source, piece.inputs)
 
 
 def zipdcm_ingest(paths: tuple[str, ...]) -> None:
-    """``dicomlake ingest PATHS`` with the zipdcm method as the reader: the command's own
-    body runs, with its session start wrapped to replace the ``dicom`` source in this
-    process, so whatever the command does (options, registration, summary) is measured."""
-    from dicomlake.catalog import commands
+    """``dicomlake ingest PATHS`` with the zipdcm method as the reader: the command's steps
+    (session warmed for the ingest's tasks, the same planning, tasks, writer, commits and
+    summaries, the same summary printed) with only the parse replaced."""
+    from dicomlake.catalog.commands import run_ingest
+    from dicomlake.catalog.ingest import WORKER_MODULES
+    from dicomlake.console import start_session
 
-    start = commands.start_session
-
-    def start_with_zipdcm(settings: Settings | None = None, *,
-                          warm: Sequence[str] = ()) -> tuple[Settings, SparkSession]:
-        settings, spark = start(settings, warm=warm)
-        spark.dataSource.register(ZipdcmMethodDataSource)
-        return settings, spark
-
-    commands.start_session = start_with_zipdcm
-    assert commands.ingest.callback is not None
-    commands.ingest.callback(paths=paths, force=False)
+    settings, spark = start_session(warm=(*WORKER_MODULES, __name__))
+    result = run_ingest(spark, settings.warehouse_path, paths, False, register=False,
+                        reader=ZipdcmMethodReader)
+    if not result.balanced:
+        raise RuntimeError("bench: the zipdcm-method ingest did not account for every input")
 
 
 # -- the read alone, to Spark's noop sink -------------------------------------------------

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from tqdm import tqdm
 
 from dicomlake.console import StageBars, error_summary, run_sql, sql_shell, start_session
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from dicomlake.catalog.dicom_source import DicomDataSourceReader
+    from dicomlake.catalog.ingest import IngestResult
 
 
 @click.command()
@@ -57,16 +64,19 @@ def print_ingest_summary(result: object) -> None:
         click.echo(f"errors by kind: {kinds}  (see: SELECT * FROM dicom.errors)")
 
 
-def run_ingest(spark: object, warehouse_path: Path, paths: tuple[str, ...],
-               force: bool, *, register: bool = True) -> object:
-    """Ingest with a progress bar per stage (files/s, time left) and print the summary."""
+def run_ingest(spark: SparkSession, warehouse_path: Path, paths: tuple[str, ...],
+               force: bool, *, register: bool = True,
+               reader: type[DicomDataSourceReader] | None = None) -> IngestResult:
+    """Ingest with a progress bar per stage (files/s, time left) and print the summary
+    (``reader``: see :func:`dicomlake.catalog.ingest.ingest`; None: the ``dicom`` source's)."""
+    from dicomlake.catalog.dicom_source import DicomDataSourceReader
     from dicomlake.catalog.ingest import ingest
     from dicomlake.catalog.warehouse import Warehouse
 
     bars = StageBars()
     try:
-        result = ingest(spark, Warehouse(warehouse_path), paths, force=force,  # type: ignore[arg-type]
-                        progress=bars, register=register)
+        result = ingest(spark, Warehouse(warehouse_path), paths, force=force, progress=bars,
+                        register=register, reader=reader or DicomDataSourceReader)
     finally:
         bars.close()
     print_ingest_summary(result)
@@ -83,7 +93,7 @@ def ingest(paths: tuple[str, ...], force: bool) -> None:
     settings, spark = start_session(warm=WORKER_MODULES)
     # the process ends after the ingest: registering new tables in its session is wasted
     result = run_ingest(spark, settings.warehouse_path, paths, force, register=False)
-    if not getattr(result, "balanced", True):
+    if not result.balanced:
         sys.exit(1)
 
 

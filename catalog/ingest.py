@@ -254,15 +254,17 @@ class _IngestRows:
     the columns the ingest adds (``ingested_at``, ``error``, ``error_kind``, the table each
     row goes to) added as Arrow columns."""
 
-    def __init__(self, options: DicomOptions, ingested_at: dt.datetime) -> None:
+    def __init__(self, options: DicomOptions, ingested_at: dt.datetime,
+                 reader: type[DicomDataSourceReader]) -> None:
         self.options = options
         self.ingested_at = ingested_at
+        self.reader = reader
 
     def __call__(self, payload: bytes) -> Iterator[pa.RecordBatch]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        reader = DicomDataSourceReader(self.options, dicom_schema())
+        reader = self.reader(self.options, dicom_schema())
         at = pa.scalar(self.ingested_at, pa.timestamp("us", tz="UTC"))
         for batch in reader.read(pickle.loads(payload)):
             corrupt = batch.column(CORRUPT_RECORD)
@@ -319,7 +321,8 @@ class _Stages:
 
 
 def _read_and_write(spark: SparkSession, sources: list[Source], targets: list[TableTarget],
-                    stages: _Stages, files: int) -> list[WrittenFile]:
+                    stages: _Stages, files: int,
+                    reader: type[DicomDataSourceReader]) -> list[WrittenFile]:
     """The one Spark job: each task reads its planned partition's headers and writes them
     as Parquet files, rows never leaving Python; progress comes from the tasks' markers."""
     slots = default_parallelism(spark)
@@ -328,7 +331,7 @@ def _read_and_write(spark: SparkSession, sources: list[Source], targets: list[Ta
     partitions = plan_partitions(sources, options)
     payloads = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in partitions]
     schemas = {t.key: tables.spec(t.key).schema for t in targets}
-    produce = _IngestRows(options, dt.datetime.now(dt.UTC))
+    produce = _IngestRows(options, dt.datetime.now(dt.UTC), reader)
     stages.start("read+write", files)
     written = write_tasks(spark, payloads, produce, targets, schemas, progress=stages.advance)
     # where the driver could not see the tasks' markers (a remote Connect server), the bar
@@ -360,7 +363,8 @@ def _touched_keys(table_dir: Path, files: list[str],
 
 def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
            force: bool = False, progress: IngestProgress | None = None,
-           register: bool = True) -> IngestResult:
+           register: bool = True,
+           reader: type[DicomDataSourceReader] = DicomDataSourceReader) -> IngestResult:
     """Ingest files, folders and globs into the warehouse.
 
     Args:
@@ -373,6 +377,9 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
             the session know another's); a process that ends after the ingest, like the
             CLI, has no use for it, and in a fresh session it costs a Python planner
             process per new table.
+        reader: what reads a planned partition's rows in the tasks; the ``dicom`` source's
+            reader. ``dicomlake bench ingest`` passes the zipdcm method's here, so the two
+            are compared through the same tasks, writer, commits and summaries.
     """
     started = time.perf_counter()
     stages = _Stages(progress)
@@ -400,7 +407,7 @@ def ingest(spark: SparkSession, warehouse: Warehouse, paths: Iterable[str], *,
                     route=INSTANCES),
     ]
     schemas = {t.key: tables.spec(t.key).schema for t in targets}
-    written = _read_and_write(spark, to_read, targets, stages, result.files_planned)
+    written = _read_and_write(spark, to_read, targets, stages, result.files_planned, reader)
     result.files_seen = sum(f.rows for f in written if f.table in (INSTANCES, ERRORS))
 
     stages.start("commit", result.files_seen)
