@@ -124,7 +124,7 @@ def _strings(value: bytes, vr: str, encodings: tuple[str, ...]) -> list[str | No
     pydicom's ``convert_encodings`` names them). The hot path of a header parse: most
     elements are single-valued text in the default character set."""
     if vr in _TEXT_VRS and encodings != _DEFAULT_ENCODINGS:
-        text = decode_bytes(value, list(encodings), _PN_DELIMS if vr == "PN" else _VALUE_DELIMS)
+        text = decode_bytes(value, encodings, _PN_DELIMS if vr == "PN" else _VALUE_DELIMS)
     else:
         text = value.decode("latin-1")
     text = text.rstrip("\x00 ")
