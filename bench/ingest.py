@@ -408,7 +408,7 @@ def zipdcm_ingest(paths: tuple[str, ...]) -> None:
     from dicomlake.catalog.ingest import WORKER_MODULES
     from dicomlake.console import start_session
 
-    settings, spark = start_session(warm=(*WORKER_MODULES, __name__))
+    settings, spark = start_session(warm=(*WORKER_MODULES, __name__), jobs_only=True)
     result = run_ingest(spark, settings.warehouse_path, paths, False, register=False,
                         reader=ZipdcmMethodReader)
     if not result.balanced:

@@ -90,8 +90,8 @@ def ingest(paths: tuple[str, ...], force: bool) -> None:
     """Ingest ZIP archives, DICOM files, folders or globs into the dicom.* tables."""
     from dicomlake.catalog.ingest import WORKER_MODULES
 
-    settings, spark = start_session(warm=WORKER_MODULES)
-    # the process ends after the ingest: registering new tables in its session is wasted
+    # the process ends after the ingest: nothing is queried by name in its session
+    settings, spark = start_session(warm=WORKER_MODULES, jobs_only=True)
     result = run_ingest(spark, settings.warehouse_path, paths, force, register=False)
     if not result.balanced:
         sys.exit(1)

@@ -15,17 +15,16 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-def start_session(settings: Settings | None = None, *,
-                  warm: Sequence[str] = ()) -> tuple[Settings, SparkSession]:
+def start_session(settings: Settings | None = None, *, warm: Sequence[str] = (),
+                  jobs_only: bool = False) -> tuple[Settings, SparkSession]:
     """Load settings and start Spark, telling the user why the first seconds are quiet
-    (``warm``: modules the command's Python tasks import, see
-    :func:`dicomlake.session.warm_workers`)."""
+    (``warm`` and ``jobs_only``: see :func:`dicomlake.session.build_session`)."""
     from dicomlake.session import build_session
 
     settings = settings or load_settings()
     click.echo(f"Starting Spark ({settings.spark.master}); this takes ~15 s ...", err=True)
     started = time.perf_counter()
-    spark = build_session(settings, warm=warm)
+    spark = build_session(settings, warm=warm, jobs_only=jobs_only)
     click.echo(f"Spark ready in {time.perf_counter() - started:.1f} s; "
                f"warehouse {settings.warehouse_path}", err=True)
     return settings, spark

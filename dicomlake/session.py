@@ -111,7 +111,7 @@ def warm_workers(spark: SparkSession, modules: Sequence[str]) -> threading.Threa
 
 
 def build_session(settings: Settings | None = None, *, app_name: str = "dicomlake",
-                  warm: Sequence[str] = ()) -> SparkSession:
+                  warm: Sequence[str] = (), jobs_only: bool = False) -> SparkSession:
     """Start (or reuse) the Spark session and register the dicomlake catalog in it.
 
     Workers must run this interpreter (it has pyarrow and pydicom), and a ``local`` driver
@@ -121,6 +121,14 @@ def build_session(settings: Settings | None = None, *, app_name: str = "dicomlak
 
     ``warm``: modules the caller's Python tasks will import; workers start and import them
     (:func:`warm_workers`) while the session registers its sources and functions.
+
+    ``jobs_only``: a process that runs Python jobs of its own and ends, like ``dicomlake
+    ingest``. It skips the registration (:data:`SESSION_HOOKS` and the lake's tables):
+    nobody queries by name there, and in a fresh JVM registering costs seconds (first use
+    of the Python data source and UDTF machinery, of the DDL parser). Its driver JVM
+    compiles with the quick JIT only (``-XX:TieredStopAtLevel=1``): in such a job the JVM
+    only hands task ids to Python workers and collects their manifests, so start-up is
+    what its JIT time buys (measured: a 988-file CLI ingest 16.2 s -> 12.8 s in all).
     """
     settings = settings or load_settings()
     master = settings.spark.master
@@ -141,14 +149,24 @@ def build_session(settings: Settings | None = None, *, app_name: str = "dicomlak
                    .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse")))
         defaults = {**_SESSION_DEFAULTS, **_CLASSIC_DEFAULTS,
                     **(_LOCAL_DEFAULTS if master.startswith("local") else {})}
-    for key, value in defaults.items():
-        builder = builder.config(key, value)
-    for key, value in settings.spark.conf.items():
+    conf = {**defaults, **settings.spark.conf}
+    if not master.startswith("sc://"):
+        from dicomlake.class_archive import java_options
+
+        # ours go first: options the user configured win where they differ
+        quick = "-XX:TieredStopAtLevel=1" if jobs_only else ""
+        extra = " ".join(filter(None, (java_options(), quick,
+                                       conf.get("spark.driver.extraJavaOptions", ""))))
+        if extra:
+            conf["spark.driver.extraJavaOptions"] = extra
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     if not is_connect(spark):
         spark.sparkContext.setLogLevel("ERROR")
     warm_workers(spark, warm)
+    if jobs_only:
+        return spark
 
     for hook in SESSION_HOOKS:
         module, function = hook.split(":")
