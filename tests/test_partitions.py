@@ -66,7 +66,9 @@ def test_the_open_cost_keeps_tiny_files_from_making_one_huge_task():
 def test_one_huge_archive_becomes_member_ranges():
     huge = _zip("huge", 10_000)
     parts = plan_partitions([huge], _options(members_per_partition=2048, min_partitions=1))
-    assert [_members(p) for p in parts] == [2048, 2048, 2048, 2048, 1808]
+    # five tasks are needed at 2048; the members are spread evenly over them (a last task
+    # of 1808 would leave the other cores idle while it ends)
+    assert [_members(p) for p in parts] == [2000] * 5
     pieces = [piece for p in parts for piece in p.slices]
     # each task carries only its own members, in order, and the whole source's count
     assert [m.index for piece in pieces for m in piece.source.members] == list(range(10_000))
@@ -84,6 +86,17 @@ def test_zip_members_count_by_number_and_streamed_files_by_bytes():
     assert sorted(_members(p) for p in parts) == [1, 100]  # neither split nor packed together
     assert [s.source.path for p in parts for s in p.slices if len(s.source.members) == 100] \
         == [big_members.path]
+
+
+def test_more_work_than_min_partitions_tasks_hold_comes_in_even_waves():
+    """10,032 members (132 seed-shaped archives) on 4 task slots at 2048: Spark's rule
+    makes 5 tasks of 1976 and one of 152, three waves on 2 cores for 2.5 of work; spread
+    over 8 tasks (the next multiple of the slots), the waves are even."""
+    sources = [_zip(f"a{i:03d}", 76) for i in range(132)]
+    parts = plan_partitions(sources, _options(members_per_partition=2048, min_partitions=4))
+    sizes = sorted((_members(p) for p in parts), reverse=True)
+    assert sizes[:8] == [1216] * 8 and sum(sizes[8:]) == 10_032 - 8 * 1216
+    assert max(sizes) <= 2048
 
 
 def test_work_spreads_over_min_partitions_when_there_is_enough():
@@ -107,10 +120,14 @@ def test_a_mix_splits_the_big_packs_the_small_and_plans_every_input_once():
     def tasks_with(paths: set[str]) -> list:
         return [p for p in parts if any(s.source.path in paths for s in p.slices)]
 
-    assert [len(p.slices) for p in tasks_with({huge.path})] == [1] * 5  # 5 ranges, alone
-    assert len(tasks_with({s.path for s in small})) <= 3  # 13 archives of 76 fit 1000
-    assert len(tasks_with({s.path for s in loose})) <= 4  # by bytes (open cost included)
-    assert len(parts) <= 12
+    # 7,321 inputs need 8 tasks of at most 1000, so each aims at 916: the huge archive is
+    # 5 full ranges alone and a remainder packed with small archives
+    huge_tasks = tasks_with({huge.path})
+    assert sorted(len(p.slices) for p in huge_tasks)[:5] == [1] * 5 and len(huge_tasks) == 6
+    assert all(_members(p) <= 916 for p in parts)
+    assert len(tasks_with({s.path for s in small})) <= 4  # 12 archives of 76 fit 916
+    assert len(tasks_with({s.path for s in loose})) <= 5  # by bytes (open cost included)
+    assert len(parts) <= 13
 
 
 def test_nothing_to_read_plans_no_task():
