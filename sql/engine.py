@@ -18,6 +18,7 @@ Over Spark Connect (``sc://``) there is no SparkContext in this process: a query
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ _SPARK_ERRORS: dict[str, E.ErrorCode] = {
 }
 
 
+class _AsDebug(logging.Filter):
+    """Turns a record into a DEBUG record (handlers then drop it unless DEBUG is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 @dataclass
 class ResultStream:
     """Columns of a result and either its Arrow batches or (small local results) its rows."""
@@ -87,7 +96,16 @@ def public_message(message: str) -> str:
     first = message.strip().split("\n", 1)[0]
     first = re.sub(r";?\s*line \d+ pos \d+;?", "", first)
     first = re.sub(r"\s*SQLSTATE: \w+\.?", "", first)
-    return _INTERNAL_NAMES.sub(name, first).strip()
+    first = re.sub(r"^\[[A-Z_]+(?:\.[A-Z_]+)*\]\s*", "", first)
+    first = " ".join(s for s in re.split(r"(?<=\.)\s+", first)
+                     if not s.startswith(_SPARK_ADVICE))
+    first = _INTERNAL_NAMES.sub(name, first).replace("`", "")
+    return first.strip()
+
+
+_SPARK_ADVICE = ("Did you mean", "Use `try_", "Use 'try_", "If necessary set", "Verify the ",
+                 "To tolerate", "Correct the value")
+"""Sentences of Spark messages that advise Spark functions, settings or internal names."""
 
 
 _PYTHON_RAISE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
@@ -109,13 +127,8 @@ def _python_worker_reason(text: str) -> tuple[str, str] | None:
 def query_error(exc: BaseException) -> QueryError:
     """A Spark failure as a Trino error (user errors for analysis problems)."""
     from py4j.protocol import Py4JJavaError
-    from pyspark.errors import PySparkException
 
-    condition = ""
-    params: dict[str, str] = {}
-    if isinstance(exc, PySparkException):
-        condition = (exc.getCondition() or "") if hasattr(exc, "getCondition") else ""
-        params = exc.getMessageParameters() or {}
+    condition, params, fragment = _spark_details(exc)
     text = str(exc)
     if isinstance(exc, Py4JJavaError):  # raised by a direct JVM call: the JVM's own message
         text = str(exc.java_exception.getMessage() or exc.java_exception.toString())
@@ -140,9 +153,30 @@ def query_error(exc: BaseException) -> QueryError:
             code = E.GENERIC_USER_ERROR
         else:
             code = E.GENERIC_INTERNAL_ERROR
-    error = QueryError(code, message)
-    error.spark_params = params  # type: ignore[attr-defined]
-    return error
+    return QueryError(code, message, params=params, fragment=fragment)
+
+
+def _spark_details(exc: BaseException) -> tuple[str, dict[str, str], str | None]:
+    """Spark's error class, message parameters and the fragment of SQL it blamed, from a
+    PySpark exception or a JVM exception raised by a direct call (guarded sessions)."""
+    from py4j.protocol import Py4JError, Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    if isinstance(exc, PySparkException):
+        contexts = exc.getQueryContext() or []
+        fragments = [c.fragment() for c in contexts if c.contextType().name == "SQL"]
+        return (exc.getCondition() or "", dict(exc.getMessageParameters() or {}),
+                fragments[0] if fragments else None)
+    if isinstance(exc, Py4JJavaError):
+        java = exc.java_exception
+        try:
+            condition = str(java.getCondition() or "")
+            params = {str(k): str(v) for k, v in dict(java.getMessageParameters()).items()}
+            contexts = list(java.getQueryContext() or [])
+        except Py4JError:  # not a SparkThrowable
+            return "", {}, None
+        return condition, params, str(contexts[0].fragment()) if contexts else None
+    return "", {}, None
 
 
 SMALL_RESULT = 10_000
@@ -164,6 +198,35 @@ class SparkEngine:
         self.sessions = sessions
         self.spark = sessions.admin()
         self.connect = is_connect(self.spark)
+        self._quiet_failure_logs()
+
+    def _quiet_failure_logs(self) -> None:
+        """A failed statement is the service's to log, as one line (:mod:`.query`); Spark's
+        own reports of it go to DEBUG or nowhere.
+
+        PySpark logs every SQL error it converts, stack included, at ERROR through its own
+        JSON loggers (``SQLQueryContextLogger``...) straight to stderr; they are demoted to
+        DEBUG records of the ordinary logging tree. The driver JVM's executor and task
+        scheduler log each failed task with its Java stack; the same stack reaches the
+        service in the exception and is logged at DEBUG there.
+        """
+        from pyspark.logger import PySparkLogger
+
+        for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+            logger = PySparkLogger.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+            if not any(isinstance(f, _AsDebug) for f in logger.filters):
+                logger.addFilter(_AsDebug())
+        if self.connect:
+            return
+        jvm = self.spark.sparkContext._jvm
+        assert jvm is not None
+        level = jvm.org.apache.logging.log4j.Level.OFF
+        for name in ("org.apache.spark.executor.Executor",
+                     "org.apache.spark.scheduler.TaskSetManager"):
+            jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, level)
 
     def _arrow_ready(self, df: DataFrame) -> DataFrame:
         from pyspark.sql import functions as F
@@ -175,9 +238,14 @@ class SparkEngine:
             else F.col(f"`{f.name}`") for f in df.schema.fields])
 
     def execute(self, sql: str, *, role: Role, group: str, description: str, is_query: bool,
-                row_limit: int | None, rename: dict[str, str] | None = None) -> ResultStream:
+                row_limit: int | None, rename: dict[str, str] | None = None,
+                output: list[str] | None = None) -> ResultStream:
         """Start a statement in job group ``group`` of ``role``'s session and return its
         result stream.
+
+        ``output`` says how the client's select list names the result (see
+        :func:`~dicomlake.sql.translate.trino_names`); Spark's names for unnamed columns
+        (``count(1)``, ``current_timestamp()``) become Trino's ``_colN``.
 
         ``row_limit`` makes Spark stop after that many rows (+1, so the caller can tell the
         result was cut), which keeps a runaway ``SELECT *`` from computing everything.
@@ -187,7 +255,7 @@ class SparkEngine:
         else:
             self.spark.sparkContext.setJobGroup(group, description[:200],
                                                 interruptOnCancel=True)
-        df = self.sessions.get(role).dataframe(sql)
+        df = self._named(self.sessions.get(role).dataframe(sql), output)
         if rename and any(old in df.columns for old in rename):
             df = df.withColumnsRenamed({old: new for old, new in rename.items()
                                         if old in df.columns})
@@ -217,6 +285,13 @@ class SparkEngine:
         limited = df if row_limit is None else df.limit(row_limit + 1)
         return ResultStream(columns, self._batches(limited))
 
+    @staticmethod
+    def _named(df: DataFrame, output: list[str] | None) -> DataFrame:
+        from dicomlake.sql.translate import trino_names
+
+        names = trino_names(df.columns, output)
+        return df if names == df.columns else df.toDF(*names)
+
     def _is_local(self, df: DataFrame) -> bool:
         """Answered without a Spark job? (Unknown over Connect, which shows no plan object.)"""
         if self.connect:
@@ -242,9 +317,11 @@ class SparkEngine:
         for payload in _local_iterator_from_socket(sock_info, NoOpSerializer()):
             yield pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
 
-    def output_columns(self, sql: str, role: Role) -> list[tuple[str, T.DataType]]:
-        """Columns a query would return (analysis only, no job)."""
-        df = self.sessions.get(role).dataframe(sql)
+    def output_columns(self, sql: str, role: Role,
+                       output: list[str] | None = None) -> list[tuple[str, T.DataType]]:
+        """Columns a query would return (analysis only, no job), named as :meth:`execute`
+        names them."""
+        df = self._named(self.sessions.get(role).dataframe(sql), output)
         return [(f.name, f.dataType) for f in df.schema.fields]
 
     def job_statuses(self, group: str) -> list[str]:

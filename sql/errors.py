@@ -74,15 +74,32 @@ class QueryError(SqlServiceError):
     """A statement failed; becomes the ``error`` object of the Trino response.
 
     ``line`` and ``column`` are 1-based positions in the statement text the client sent.
+    ``params`` and ``fragment`` keep what the engine said about a failure (Spark's message
+    parameters, the piece of the *translated* SQL it blamed) until the error is put in the
+    client's terms (:func:`dicomlake.sql.translate.client_error`); clients never see them.
     """
 
     def __init__(self, code: ErrorCode, message: str, *, line: int | None = None,
-                 column: int | None = None) -> None:
+                 column: int | None = None, params: dict[str, str] | None = None,
+                 fragment: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.line = line
         self.column = column
+        self.params: dict[str, str] = params or {}
+        self.fragment = fragment
+
+    def at(self, line: int | None, column: int | None) -> QueryError:
+        """This error located at ``line:column`` of the client's text, its message starting
+        ``line L:C: `` as Trino's analysis errors do (no-op without a line)."""
+        if line is None:
+            return self
+        self.line, self.column = line, column or 1
+        if not self.message.startswith("line "):
+            self.message = f"line {line}:{self.column}: {self.message}"
+            self.args = (self.message,)
+        return self
 
     def to_json(self) -> dict[str, object]:
         """The Trino ``QueryError`` document."""

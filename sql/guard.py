@@ -191,9 +191,10 @@ class _ParsedCheck:
                 from dicomlake.sql.engine import public_message
 
                 written = str(node.get("multipartIdentifier", "")).strip("[]")
+                dotted = written.replace(", ", ".")
                 raise QueryError(E.TABLE_NOT_FOUND, public_message(
-                    f"Table '{written.replace(', ', '.')}' does not exist or is not readable "
-                    f"by role '{a.role}'"))
+                    f"Table '{dotted}' does not exist or is not readable by role '{a.role}'"),
+                    params={"relationName": dotted})
         elif short == "UnresolvedTableValuedFunction":
             name = _one_name(node.get("name"))
             if name is None or name not in a.table_functions:
@@ -203,7 +204,8 @@ class _ParsedCheck:
             if name is None or name not in a.functions:
                 parts = str(node.get("nameParts", "")).strip("[]")
                 if name is not None and not self.function_exists(name):
-                    raise QueryError(E.FUNCTION_NOT_FOUND, f"Function '{parts}' not found")
+                    raise QueryError(E.FUNCTION_NOT_FOUND, f"Function '{name}' not registered",
+                                     params={"routineName": name})
                 raise _denied(a, f"the function '{parts}'")
         elif short == "UnresolvedGenerator":
             ident = node.get("name") or {}

@@ -293,6 +293,18 @@ class LakeCatalog:
             return (schema, name)
         return (relation_view(schema, name),)
 
+    def spark_has_table(self, schema: str, name: str) -> bool:
+        """Does Spark's catalog hold ``schema.name``? (An admin may read tables the snapshot
+        leaves out, such as those of hidden databases.) Asked of the catalog by name, so a
+        schema that is also a data source name is never read as a file query."""
+        def quoted(part: str) -> str:
+            return "`" + part.replace("`", "``") + "`"
+
+        try:
+            return bool(self.spark.catalog.tableExists(f"{quoted(schema)}.{quoted(name)}"))
+        except Exception:  # a name Spark cannot even parse is no table
+            return False
+
     def has_schema(self, schema: str, role: Role) -> bool:
         if schema == INFORMATION_SCHEMA:
             return True

@@ -37,7 +37,7 @@ from dicomlake.sql.engine import engine_error_or_cancel
 from dicomlake.sql.errors import QueryError
 from dicomlake.sql.protocol import results_json
 from dicomlake.sql.session import SessionChanges
-from dicomlake.sql.translate import Plan, locate_name
+from dicomlake.sql.translate import Plan, client_error
 from dicomlake.sql.types import column_converter, column_json
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from dicomlake.sql.metadata import LakeCatalog
     from dicomlake.sql.session import ClientSession
     from dicomlake.sql.translate import Translator
-    from dicomlake.sql.users import Principal, Role
+    from dicomlake.sql.users import Principal
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class QueryManager:
             self._end(query, exc)
             return query
         except Exception as exc:  # a translator bug must still answer the client
-            log.exception("planning failed for %s", query.id)
+            log.debug("planning failed for %s", query.id, exc_info=True)
             self._end(query, QueryError(E.GENERIC_INTERNAL_ERROR, f"planning failed: {exc}"))
             return query
         query.plan = plan
@@ -373,13 +373,14 @@ class QueryManager:
             if plan.reads_audit_log:
                 self.audit.flush()
             if plan.kind == "describe_output":
-                self._describe_output(query, plan.spark_sql, query.principal.role)
+                self._describe_output(query, plan)
             else:
                 self._stream(query, plan)
         except BaseException as exc:
+            log.debug("query %s failed", query.id, exc_info=True)
             error = engine_error_or_cancel(exc, query.cancel_reason)
-            if error.line is None:
-                self._locate(query, error)
+            if error is not query.cancel_reason:
+                error = client_error(error, query.sql, query.session)
         finally:
             self.engine.clear_group()
             if plan.changes_catalog:
@@ -392,7 +393,8 @@ class QueryManager:
         result = self.engine.execute(plan.spark_sql, role=query.principal.role,
                                      group=query.job_group,
                                      description=query.sql, is_query=plan.is_query,
-                                     row_limit=limit, rename=plan.rename)
+                                     row_limit=limit, rename=plan.rename,
+                                     output=plan.output)
         if not result.columns:
             from pyspark.sql import types as T
 
@@ -440,11 +442,13 @@ class QueryManager:
             query.put_page(*held, last=True)
         query.finish()
 
-    def _describe_output(self, query: Query, sql: str, role: Role) -> None:
+    def _describe_output(self, query: Query, plan: Plan) -> None:
         from dicomlake.sql.translate import _DESCRIBE_OUTPUT_COLUMNS
         from dicomlake.sql.types import trino_type
 
-        columns = self.engine.output_columns(sql, role)
+        assert plan.spark_sql is not None
+        columns = self.engine.output_columns(plan.spark_sql, query.principal.role,
+                                             plan.output)
         rows = [[name, "", "", "", trino_type(data_type)[0], 0, False]
                 for name, data_type in columns]
         query.set_columns(_DESCRIBE_OUTPUT_COLUMNS)
@@ -453,20 +457,15 @@ class QueryManager:
             query.put_page(_encode_rows(rows, converters), len(rows), last=True)
         query.finish()
 
-    def _locate(self, query: Query, error: QueryError) -> None:
-        params = getattr(error, "spark_params", {}) or {}
-        name = params.get("relationName") or params.get("objectName") or ""
-        name = name.replace("`", "").split(".")[-1]
-        if name:
-            error.line, error.column = locate_name(self._statement_text(query), name)
-
-    def _statement_text(self, query: Query) -> str:
-        return query.sql
-
     def _end(self, query: Query, error: QueryError | None) -> None:
+        final = query.error or error
+        if final is not None:
+            # The one line a failed statement leaves in the server's log (its stack, if it
+            # had one, is at DEBUG).
+            log.warning("query %s by %s failed: %s: %s", query.id, query.principal.name,
+                        final.code.name, " ".join(final.message.split()))
         if error is not None:
             query.fail(error)
-        final = query.error or error
         now = dt.datetime.now(dt.UTC)
         state = "CANCELED" if (final is not None and final.code is E.USER_CANCELED) else (
             "FAILED" if final is not None else "FINISHED")

@@ -80,6 +80,9 @@ class Plan:
     rows: list[list[Any]] = field(default_factory=list)
     changes: SessionChanges = field(default_factory=SessionChanges)
     rename: dict[str, str] = field(default_factory=dict)
+    output: list[str] | None = None
+    """How the query's select list names its result (:func:`output_items`), for
+    :func:`trino_names`."""
     reads_audit_log: bool = False
     changes_catalog: bool = False
     timeout_seconds: float | None = None
@@ -128,16 +131,206 @@ def _first_position(sql: str, parts: list[exp.Expr]) -> tuple[int | None, int | 
     return min(found, default=(None, None))
 
 
-def locate_name(sql: str, name: str) -> tuple[int | None, int | None]:
-    """Where an identifier named ``name`` first appears in ``sql`` (for Spark's errors)."""
-    try:
-        tree = sqlglot.parse_one(sql, read="trino")
-    except SqlglotError:
+def _start_position(sql: str, node: exp.Expr) -> tuple[int | None, int | None]:
+    """1-based line and column where ``node`` begins in ``sql``: the earliest token position
+    sqlglot recorded on it or anything inside it."""
+    starts = [n.meta["start"] for n in node.walk() if isinstance(n.meta.get("start"), int)]
+    if not starts:
         return None, None
-    for ident in tree.find_all(exp.Identifier):
-        if ident.name.lower() == name.lower():
-            return _position(sql, ident)
-    return None, None
+    start = min(starts)
+    return sql.count("\n", 0, start) + 1, start - (sql.rfind("\n", 0, start) + 1) + 1
+
+
+def _name_parts(text: str) -> list[str]:
+    """``a.b`` or Spark's ```a`.`b``` as its parts (internal view names already made
+    public by :func:`~dicomlake.sql.engine.public_message`)."""
+    if "`" in text:
+        return [p.replace("``", "`") for p in re.findall(r"`((?:[^`]|``)*)`", text)]
+    return [p for p in text.split(".") if p]
+
+
+KEEP, STAR, UNNAMED = "keep", "star", "unnamed"
+"""What each select-list item of a query names: its own name (an alias or a column
+reference), the columns a ``*`` expands to, or nothing (Trino then says ``_colN``)."""
+
+
+def output_items(tree: exp.Expr) -> list[str] | None:
+    """:data:`KEEP`, :data:`STAR` or :data:`UNNAMED` for each item of the select list that
+    names a query's result: the outermost query's, the first branch's of a set operation (CTE
+    and subquery bodies name nothing). A bare ``VALUES`` list names nothing. None when the
+    statement is no query."""
+    node = tree
+    while isinstance(node, (exp.Subquery, exp.SetOperation)):
+        node = node.this
+    if isinstance(node, exp.Values) and node.expressions:
+        return [UNNAMED] * len(node.expressions[0].expressions)
+    if not isinstance(node, exp.Select):
+        return None
+    items = []
+    for item in node.expressions:
+        if isinstance(item, exp.Star) or (isinstance(item, exp.Column)
+                                          and isinstance(item.this, exp.Star)):
+            items.append(STAR)
+        elif isinstance(item, (exp.Alias, exp.Dot)) or (isinstance(item, exp.Column) and not (
+                not item.table and isinstance(item.this, exp.Identifier)
+                and not item.this.quoted and item.name.lower() in SERVER_ANSWERED)):
+            items.append(KEEP)  # a.b.c (Dot) is a struct column's field, named c
+        else:
+            items.append(UNNAMED)
+    return items
+
+
+def _first_select(node: exp.Expr) -> exp.Expr:
+    while isinstance(node, (exp.Subquery, exp.SetOperation, exp.CTE)):
+        node = node.this
+    return node
+
+
+def name_inner_columns(tree: exp.Expr) -> None:
+    """Alias the unnamed items of derived tables and CTE bodies ``_colN`` (N their place),
+    so a ``*`` over them shows Trino's names rather than Spark's (``count(1)``). The
+    outermost select list is left as written; :func:`trino_names` names its columns."""
+    top = _first_select(tree)
+    for holder in list(tree.find_all(exp.Subquery, exp.CTE)):
+        select = _first_select(holder)
+        if select is top or not isinstance(select, exp.Select):
+            continue
+        for i, (item, kind) in enumerate(zip(list(select.expressions),
+                                             output_items(select) or [], strict=False)):
+            if kind == UNNAMED:
+                item.replace(exp.alias_(item.copy(), f"_col{i}", quoted=True))
+
+
+def trino_names(columns: list[str], items: list[str] | None) -> list[str]:
+    """The result's column names as Trino gives them: an unnamed column is ``_colN``, N its
+    0-based place in the result (after ``*`` expanded). Spark's names are kept where the
+    items cannot be matched to the columns (more than one ``*``)."""
+    if not items or UNNAMED not in items:
+        return columns
+    stars = items.count(STAR)
+    width = len(columns) - (len(items) - 1)
+    if stars > 1 or (stars == 0 and len(items) != len(columns)) or width < 0:
+        return columns
+    names: list[str] = []
+    for item in items:
+        if item == STAR:
+            names.extend(columns[len(names):len(names) + width])
+        else:
+            names.append(columns[len(names)] if item == KEEP else f"_col{len(names)}")
+    return names
+
+
+def _timestamps_without_zone(tree: exp.Expr) -> None:
+    """Trino's ``timestamp`` has no time zone: Spark's ``TIMESTAMP_NTZ``, not its
+    ``TIMESTAMP`` (an instant, Trino's ``timestamp with time zone``)."""
+    for node in tree.find_all(exp.DataType):
+        if node.this == exp.DataType.Type.TIMESTAMP:
+            node.set("this", exp.DataType.Type.TIMESTAMPNTZ)
+            node.set("expressions", [])
+
+
+def _tables_named(tree: exp.Expr, parts: list[str]) -> exp.Table | None:
+    want = [p.lower() for p in parts]
+    for table in tree.find_all(exp.Table):
+        have = [p.name.lower() for p in table.parts]
+        if have[-len(want):] == want[-len(have):]:
+            return table
+    return None
+
+
+def _column_named(tree: exp.Expr, parts: list[str]) -> exp.Column | None:
+    want = [p.lower() for p in parts]
+    for column in tree.find_all(exp.Column):
+        if [p.name.lower() for p in column.parts] == want:
+            return column
+    return None
+
+
+def _function_named(tree: exp.Expr, name: str) -> exp.Func | None:
+    for func in tree.find_all(exp.Func):
+        written = func.name if isinstance(func, exp.Anonymous) else func.sql_name()
+        if written.lower() == name.lower():
+            return func
+    return None
+
+
+def _squeeze(text: str) -> str:
+    return re.sub(r"[\s`\"]", "", text).lower()
+
+
+def _node_of_fragment(tree: exp.Expr, fragment: str) -> exp.Expr | None:
+    """The node of the client's statement that became ``fragment`` of the translated Spark
+    SQL (the piece Spark blamed), found by translating each node the same way."""
+    want = _squeeze(fragment)
+    if not want:
+        return None
+    for count, node in enumerate(tree.walk()):
+        if count > 5000:
+            break
+        if isinstance(node, (exp.Identifier, exp.Literal)) or node is tree:
+            continue
+        try:
+            if _squeeze(node.sql(dialect="spark", identify=True)) == want:
+                return node
+        except SqlglotError:
+            continue
+    return None
+
+
+_SPARK_TYPE_NAMES = {"INT": "INTEGER", "STRING": "VARCHAR", "FLOAT": "REAL", "BYTE": "TINYINT",
+                     "SHORT": "SMALLINT", "LONG": "BIGINT", "BINARY": "VARBINARY"}
+_LOCATED = (E.TABLE_NOT_FOUND, E.COLUMN_NOT_FOUND, E.FUNCTION_NOT_FOUND, E.TYPE_MISMATCH,
+            E.SCHEMA_NOT_FOUND, E.GENERIC_USER_ERROR)
+"""Analysis errors, which Trino locates in the statement (run-time errors it does not)."""
+
+
+def client_error(error: QueryError, sql: str, session: ClientSession) -> QueryError:
+    """An engine error in Trino's words and at its place in the text the client sent.
+
+    The engine saw the translated Spark SQL, so its names (internal views, Spark's spelling
+    of functions) and positions are not the client's: the object it names (or the piece of
+    SQL it blames) is looked up in the client's own parsed statement instead. Messages
+    carry Trino's wording: ``Table 'c.s.t' does not exist``, ``Column 'x' cannot be
+    resolved``, ``Function 'f' not registered``, ``Division by zero``.
+    """
+    if error.line is not None:
+        return error
+    try:
+        tree: exp.Expr | None = sqlglot.parse_one(sql, read="trino")
+    except SqlglotError:
+        tree = None
+    params, code = error.params, error.code
+    node: exp.Expr | None = None
+    if code is E.TABLE_NOT_FOUND and params.get("relationName"):
+        from dicomlake.sql.engine import public_message
+
+        parts = _name_parts(public_message(params["relationName"]))
+        qualifier = [(session.catalog or CATALOG).lower(), session.schema or ""]
+        name = ".".join([*qualifier[:max(0, 3 - len(parts))], *parts])
+        error.message = f"Table '{name}' does not exist"
+        node = _tables_named(tree, parts) if tree is not None and parts else None
+    elif code is E.COLUMN_NOT_FOUND and (params.get("objectName") or params.get("fieldName")):
+        parts = _name_parts(params.get("objectName") or params["fieldName"])
+        error.message = f"Column '{'.'.join(parts)}' cannot be resolved"
+        node = _column_named(tree, parts) if tree is not None else None
+    elif code is E.FUNCTION_NOT_FOUND and params.get("routineName"):
+        name = _name_parts(params["routineName"])[-1].lower()
+        error.message = f"Function '{name}' not registered"
+        node = _function_named(tree, name) if tree is not None else None
+    elif code is E.DIVISION_BY_ZERO:
+        error.message = "Division by zero"
+    elif code is E.INVALID_CAST_ARGUMENT and params.get("expression"):
+        target = params.get("targetType", "").strip('"')
+        error.message = (f"Cannot cast {params['expression']} to "
+                         f"{_SPARK_TYPE_NAMES.get(target, target)}")
+    error.args = (error.message,)
+    if code not in _LOCATED or tree is None:
+        return error
+    if node is None and error.fragment:
+        node = _node_of_fragment(tree, error.fragment)
+    if node is None:
+        return error
+    return error.at(*_start_position(sql, node))
 
 
 def _hint(schema: str, principal: Principal) -> str:
@@ -334,7 +527,8 @@ class Translator:
         inner = self._statement(body, session, principal, params=None, null_params=True)
         if not inner.is_query:
             return Plan("local", is_query=True, columns=_DESCRIBE_OUTPUT_COLUMNS, rows=[])
-        return Plan("describe_output", spark_sql=inner.spark_sql, is_query=True)
+        return Plan("describe_output", spark_sql=inner.spark_sql, is_query=True,
+                    output=inner.output)
 
     def _describe_input(self, m: re.Match[str], text: str, session: ClientSession,
                         principal: Principal) -> Plan:
@@ -440,7 +634,10 @@ class Translator:
             kind = str(tree.this) if isinstance(tree, exp.Command) else tree.key
             return Plan("spark", spark_sql=text, is_query=False, update_type=kind.upper(),
                         changes_catalog=True)
-        plan = Plan("spark", is_query=is_read)
+        plan = Plan("spark", is_query=is_read, output=output_items(tree) if is_read else None)
+        if is_read:
+            name_inner_columns(tree)
+        _timestamps_without_zone(tree)
         self._bind(tree, text, params or [], null_params)
         self._resolve_tables(tree, text, session, principal, plan)
         for node in list(tree.find_all(exp.CurrentVersion)):
@@ -501,18 +698,17 @@ class Translator:
             try:
                 catalog = self._catalog_of(table.catalog or None, session)
             except QueryError as exc:
-                at = _position(text, table.args.get("catalog"))
-                raise QueryError(exc.code, exc.message, line=at[0], column=at[1]) from None
+                raise exc.at(*_position(text, table.args.get("catalog"))) from None
             schema = table.db.lower() if table.db else session.schema
             if not schema:
                 raise QueryError(E.MISSING_SCHEMA_NAME,
-                                 "Schema must be specified when session schema is not set",
-                                 line=line, column=col)
+                                 "Schema must be specified when session schema is not set"
+                                 ).at(line, col)
             replacement = self._resolve_one(catalog, schema, name, principal, plan)
             if replacement is None:
                 raise QueryError(E.TABLE_NOT_FOUND,
                                  f"Table '{catalog}.{schema}.{name}' does not exist"
-                                 + _hint(schema, principal), line=line, column=col)
+                                 + _hint(schema, principal)).at(line, col)
             alias = table.args.get("alias")
             if alias is None and not (isinstance(replacement, exp.Table)
                                       and replacement.name == name):
@@ -540,7 +736,10 @@ class Translator:
             return self._metadata_subquery(kind, role, None) if kind else None
         info = self.catalog.table(schema, name, role)
         if info is None:
-            if role is Role.ADMIN:  # admins may reach what Spark knows beyond the snapshot
+            # Admins may reach what Spark's catalog holds beyond the snapshot; a name it does
+            # not hold is answered here, never left to Spark (which reads ``dicom.x`` as a
+            # query of data source ``dicom`` when no table has that name).
+            if role is Role.ADMIN and self.catalog.spark_has_table(schema, name):
                 return exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(schema))
             return None
         if (schema, name) == ("system", "audit_log"):
