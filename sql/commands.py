@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import click
 
 from dicomlake.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from dicomlake.sql.certificates import ServerCertificate
 
 
 def _read_password(password_stdin: bool) -> str:
@@ -20,12 +28,19 @@ def _read_password(password_stdin: bool) -> str:
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; anything but loopback needs --tls-cert/--tls-key.")
-@click.option("--port", default=8080, show_default=True, help="TCP port (0 picks a free one).")
+              help="Address to bind; anything but loopback needs TLS (--tls auto, or "
+                   "--tls-cert/--tls-key).")
+@click.option("--port", type=int, default=None,
+              help="TCP port (0 picks a free one) [default: 8080; 8443 with TLS, as Trino].")
+@click.option("--tls", type=click.Choice(["auto"]), default=None,
+              help="auto: serve HTTPS with a self-signed certificate made on the first start "
+                   "under <home>/tls/ and reused (renewed when it expires or does not name "
+                   "--host); start-up prints its fingerprint and how each client connects. "
+                   "The Java trino CLI and JDBC (DBeaver, Tableau) need TLS for passwords.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="PEM certificate chain for HTTPS.")
+              help="PEM certificate chain for HTTPS (your own; not with --tls auto).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="PEM private key for HTTPS.")
+              help="PEM private key for HTTPS (with --tls-cert).")
 @click.option("--max-concurrent", default=4, show_default=True,
               help="Queries running at once; more wait as QUEUED.")
 @click.option("--timeout", "timeout_seconds", default=600.0, show_default=True,
@@ -40,8 +55,8 @@ def _read_password(password_stdin: bool) -> str:
 @click.option("--with-stream", is_flag=True,
               help="Also run the upload stream (broker + Flink job) while serving; it is "
                    "stopped with the server unless it was already running.")
-def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
-          max_concurrent: int, timeout_seconds: float, max_rows: int,
+def serve(host: str, port: int | None, tls: str | None, tls_cert: Path | None,
+          tls_key: Path | None, max_concurrent: int, timeout_seconds: float, max_rows: int,
           max_concurrent_per_user: int | None, public_url: str | None,
           with_stream: bool) -> None:
     """Serve the lake over the Trino protocol (trino CLI, JDBC, Python, BI tools)."""
@@ -50,6 +65,25 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
     from dicomlake.sql.query import Limits
     from dicomlake.sql.server import ServerConfig, SqlServer
 
+    if tls == "auto" and (tls_cert is not None or tls_key is not None):
+        raise click.UsageError(
+            "--tls auto makes and uses its own certificate; give either --tls auto or "
+            "--tls-cert with --tls-key, not both")
+    settings = load_settings()
+    certificate: ServerCertificate | None = None
+    if tls == "auto":
+        from dicomlake.sql.certificates import ensure_certificate
+
+        public_host = urlsplit(public_url).hostname if public_url else None
+        try:
+            certificate = ensure_certificate(settings.home, host,
+                                             also=[public_host] if public_host else [])
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"--tls auto: cannot make or read the certificate "
+                                       f"under {settings.home / 'tls'}: {exc}") from exc
+        tls_cert, tls_key = certificate.cert_path, certificate.key_path
+    if port is None:
+        port = 8443 if tls_cert is not None else 8080
     try:
         config = ServerConfig(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
                               public_url=public_url,
@@ -59,10 +93,10 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
                                             max_rows=max_rows))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    settings = load_settings()
     from dicomlake.sql.users import UserStore
 
-    if not UserStore(settings.home).list():
+    users = UserStore(settings.home).list()
+    if not users:
         raise click.ClickException(
             f"no SQL users in {UserStore(settings.home).path}; create one first: "
             "`dicomlake user add admin --role admin`")
@@ -81,13 +115,71 @@ def serve(host: str, port: int, tls_cert: Path | None, tls_key: Path | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.serve_in_thread()
+    if config.tls_cert is not None:
+        _echo_certificate(certificate, config.tls_cert)
     click.echo(f"dicomlake SQL listening on {server.url} (catalog dicomlake)", err=False)
+    _echo_connection_strings(server.public_url, users[0].name, config.tls_cert)
     sys.stdout.flush()
     stop.wait()
     click.echo("shutting down: cancelling queries, flushing the audit log", err=True)
     server.shutdown(stop_spark=False)
     spark.stop()
     _stop_stream(settings, owns_stream)
+
+
+def _echo_certificate(made: ServerCertificate | None, cert_path: Path) -> None:
+    """Where the certificate is and its fingerprint, so a user can check what a client
+    shows before trusting it."""
+    from dicomlake.sql.certificates import read_fingerprint
+
+    if made is not None:
+        click.echo(f"TLS certificate: {made.reason}; names {', '.join(made.names)}; "
+                   f"valid until {made.not_after:%Y-%m-%d}")
+        click.echo(f"TLS certificate file (trust it in clients): {made.cert_path}")
+        fingerprint = made.fingerprint
+    else:
+        click.echo(f"TLS certificate file: {cert_path}")
+        fingerprint = read_fingerprint(cert_path)
+    click.echo(f"SHA-256 fingerprint: {fingerprint}")
+
+
+def _echo_connection_strings(public_url: str, user: str, cert_path: Path | None) -> None:
+    """The exact command or URL for each kind of client, built from the address clients
+    use (``--public-url``, else the bound one) and the certificate they should trust.
+
+    Over plain HTTP the Java clients cannot log in at all, so only that is said.
+    """
+    parts = urlsplit(public_url)
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # a wildcard bind: remote clients use the machine's name
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    server = f"{parts.scheme}://{host}:{port}"
+    if cert_path is None:
+        click.echo("plain HTTP: the Java trino CLI and JDBC (DBeaver, Tableau) refuse "
+                   "passwords without TLS; start with --tls auto for them. Python: "
+                   f"trino.dbapi.connect(host={server!r}, user={user!r}, "
+                   "auth=BasicAuthentication(...), allow_insecure_auth=True)")
+        return
+    cli = f"--user {user} --password --catalog dicomlake --schema dicom_deid"
+    jdbc = f"jdbc:trino://{host}:{port}/dicomlake/dicom_deid?SSL=true"
+    connect_args = json.dumps({"http_scheme": "https", "verify": str(cert_path)})
+    lines = [
+        "Connect (password asked for, or from $TRINO_PASSWORD for the CLI):",
+        f"  trino CLI   trino-cli --server {server} --truststore-path "
+        f"{shlex.quote(str(cert_path))} {cli}",
+        f"              trino-cli --server {server} --insecure {cli}",
+        f"  JDBC        {jdbc}&SSLTrustStorePath={cert_path}",
+        f"              {jdbc}&SSLVerification=NONE",
+        f"  SQLAlchemy  trino://{user}:<password>@{host}:{port}/dicomlake/dicom_deid  "
+        f"connect_args={connect_args}",
+        f"  Python      trino.dbapi.connect(host={host!r}, port={port}, user={user!r}, "
+        f"http_scheme='https', verify={str(cert_path)!r}, auth=BasicAuthentication(...))",
+    ]
+    for line in lines:
+        click.echo(line)
 
 
 def _start_stream(settings: Settings) -> bool:

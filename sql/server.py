@@ -76,7 +76,8 @@ class ServerConfig:
         if self.tls_cert is None and not is_loopback(self.host):
             raise ValueError(
                 f"dicomlake serve refuses plain HTTP on {self.host!r}: passwords would cross "
-                "the network in clear. Bind 127.0.0.1, or give --tls-cert and --tls-key.")
+                "the network in clear. Bind 127.0.0.1, or serve over TLS: --tls auto, or "
+                "--tls-cert and --tls-key.")
 
     @property
     def scheme(self) -> str:
