@@ -736,10 +736,11 @@ class Translator:
             return self._metadata_subquery(kind, role, None) if kind else None
         info = self.catalog.table(schema, name, role)
         if info is None:
-            # Admins may reach what Spark's catalog holds beyond the snapshot; a name it does
-            # not hold is answered here, never left to Spark (which reads ``dicom.x`` as a
-            # query of data source ``dicom`` when no table has that name).
-            if role is Role.ADMIN and self.catalog.spark_has_table(schema, name):
+            # Admins may reach what Spark's catalog holds beyond the snapshot (and name new
+            # tables in DDL); a query's name it does not hold is answered here, never left
+            # to Spark (which reads ``dicom.x`` as a query of data source ``dicom``).
+            if role is Role.ADMIN and (not plan.is_query
+                                       or self.catalog.spark_has_table(schema, name)):
                 return exp.Table(this=exp.to_identifier(name), db=exp.to_identifier(schema))
             return None
         if (schema, name) == ("system", "audit_log"):
