@@ -52,7 +52,7 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
         spark = build_session(settings)
         ingest(spark, Warehouse(settings.warehouse_path), [str(a) for a in archives])
         kind = ModelBackend(backend)
-        model_mod.prepare(home, kind)
+        model_mod.prepare(kind)
         similarity = SimilaritySettings(batch_size=batch_size, backend=kind)
 
         started = time.perf_counter()
@@ -62,7 +62,7 @@ def run(*, files: int = 400, files_per_archive: int = 50, cores: int = 2,
 
         paths = read_columns(settings.warehouse_path / "dicom" / "instances",
                              ["path"]).column("path").to_pylist()
-        embedder = model_mod.embedder_for(home, kind, threads=cores)
+        embedder = model_mod.embedder_for(kind, threads=cores)
         embedder.embed(np.zeros((1, 224, 224, 3), np.uint8))  # warm, as the workers are
         started = time.perf_counter()
         pending: list[np.ndarray] = []

@@ -79,7 +79,6 @@ def _variants(frame: np.ndarray, frames: Any, rng: np.random.Generator
 
 def run(*, bases: int = 60, m: int = 32, refine: int = 100, seed: int = 3) -> dict[str, Any]:
     """Run the benchmark and return its keys (see the module docstring)."""
-    import tempfile
 
     from dicomlake.udfs import model as model_mod
     from dicomlake.udfs import pq
@@ -97,10 +96,9 @@ def run(*, bases: int = 60, m: int = 32, refine: int = 100, seed: int = 3) -> di
             img = data if window is None else to_uint8(data, frames, window)
             images.append(resize(img))
             groups.append(g)
-    with tempfile.TemporaryDirectory(prefix="dicomlake-bench-retrieval-") as tmp:
-        embedder = model_mod.get_embedder(tmp, threads=2)
-        vectors = np.concatenate([embedder.embed(np.stack(images[i:i + 32]))
-                                  for i in range(0, len(images), 32)])
+    embedder = model_mod.get_embedder(threads=2)
+    vectors = np.concatenate([embedder.embed(np.stack(images[i:i + 32]))
+                              for i in range(0, len(images), 32)])
     book = pq.train(vectors, m=m)
     codes, lists = book.encode(vectors)
     n = len(vectors)

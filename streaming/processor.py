@@ -165,7 +165,7 @@ class LakeWriter:
         self.stream = stream
         self.epoch = epoch
         self.similarity = load_similarity(Settings(home=self.home, warehouse=self.warehouse))
-        self.model = FeatureModel(self.home, self.similarity.backend,
+        self.model = FeatureModel(self.similarity.backend,
                                   int(os.environ.get("DICOMLAKE_ONNX_THREADS", "2")))
         self.store = open_store(self.warehouse, self.similarity)
         self.store.check()

@@ -40,7 +40,7 @@ def test_the_same_input_seen_again_is_not_a_duplicate():
 
 
 def test_featurize_gives_a_row_per_frame_and_an_error_row_per_undecodable_image():
-    model = features.FeatureModel("/nonexistent-home", "onnx")
+    model = features.FeatureModel("onnx")
     inputs = [features.ImageInput("u-mf", str(find_template("emri_small.dcm"))),
               features.ImageInput("u-rt", str(find_template("rtplan.dcm"))),
               features.ImageInput("u-gone", "/nonexistent/file.dcm")]

@@ -158,6 +158,36 @@ def test_retrain_new_codebook_refuses_old_codes_then_reencodes(spark, settings, 
     assert spark.sql(f"SELECT * FROM image_knn(query => '{uid}', k => 3)").count() == 3
 
 
+def test_a_lake_embedded_by_an_earlier_model_build_is_embedded_again_and_told(spark, settings,
+                                                                           lake):
+    """The shipped ONNX file's hash is the model version: a lake embedded by an earlier build
+    (here: the torch-exported one, ``<pth hash>-onnx1``) is re-embedded, and the user told."""
+    import dataclasses
+
+    from deltalake import DeltaTable
+
+    from dicomlake.udfs import pq
+    from dicomlake.udfs.model import model_version
+
+    old = "579344248a93-onnx1"
+    warehouse = Warehouse(settings.warehouse_path)
+    books = warehouse.table_path("dicom", pq.CODEBOOKS)
+    book = pq.latest(books)
+    pq.save(books, dataclasses.replace(book, version=book.version + 1, model_version=old))
+    DeltaTable(str(warehouse.table_path("dicom", "embeddings"))).update(
+        {"model_version": f"'{old}'"})
+    told: list[tuple[str, str]] = []
+    result = embed(spark, settings, SIM, on_model_change=lambda a, b: told.append((a, b)))
+    assert told == [(f"efficientnet-lite0-imagenet {old}",
+                     f"efficientnet-lite0-imagenet {model_version()}")]
+    assert result.trained and result.embeddings == lake.embeddings
+    fresh = spark.sql(f"SELECT count(*) FROM dicom.embeddings "
+                      f"WHERE model_version = '{model_version()}'").first()[0]
+    assert fresh == lake.embeddings
+    uid = a_ct(spark).sop_instance_uid
+    assert spark.sql(f"SELECT * FROM image_knn(query => '{uid}', k => 3)").count() == 3
+
+
 def test_thumbnail_sql_function(spark, lake):
     # CTs that have pixels (header-only objects are instances too); undecodable ones are NULL
     rows = spark.sql("SELECT dicom_thumbnail(path) AS png FROM dicom.instances "

@@ -82,7 +82,7 @@ def lake(tmp_path: Path) -> Lake:
 
 
 def _searcher(lake: Lake) -> Searcher:
-    return Searcher(lake.home, lake.warehouse, SimilaritySettings(m=M, nlist=0))
+    return Searcher(lake.warehouse, SimilaritySettings(m=M, nlist=0))
 
 
 def test_appends_are_read_incrementally_and_match_a_fresh_searcher(lake: Lake) -> None:

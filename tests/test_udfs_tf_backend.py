@@ -127,7 +127,7 @@ def test_codebooks_refuse_the_other_models_vectors(settings, vectors, images):
     info = model.model_info("tensorflow")
     tf_vectors = np.stack(list(vectors.values()))
     book = pq.train(tf_vectors, m=8, model_id=info.model_id, model_version=info.version)
-    onnx = model.embedder_for(settings.home, "onnx").embed(images["CT_small.dcm"][np.newaxis])
+    onnx = model.embedder_for("onnx").embed(images["CT_small.dcm"][np.newaxis])
     with pytest.raises(CodebookError, match=rf"1280 dimensions.*512-d vectors of model "
                                             rf"{info.model_id}.*--retrain"):
         book.encode(onnx)
@@ -181,7 +181,7 @@ def test_embedding_udf_through_spark_with_the_tensorflow_backend(spark, settings
     rows = [(f"1.2.3.{i}", str(find_template(n))) for i, n in enumerate(names)]
     rows.append(("1.2.3.9", str(broken)))
     df = spark.createDataFrame(rows, "sop_instance_uid string, path string").coalesce(1)
-    out = df.mapInArrow(embed_batches(str(settings.home), 2, "tensorflow"),
+    out = df.mapInArrow(embed_batches(2, "tensorflow"),
                          embed_output_schema())
     got = {r.sop_instance_uid: r for r in out.collect()}
     info = model.model_info("tensorflow")

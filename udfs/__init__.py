@@ -110,7 +110,7 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
     settings = settings or _session_settings(spark)
     similarity = similarity or load_similarity(settings)
     home, warehouse = str(settings.home), str(settings.warehouse_path)
-    handler = make_udtf(home, warehouse, similarity, scope)
+    handler = make_udtf(warehouse, similarity, scope)
     # udtf(f, ...) returns the function itself (a classic or a Spark Connect class), never
     # the decorator the stub's union also allows
     spark.udtf.register("image_knn", udtf(handler, returnType=KNN_DDL))  # type: ignore[arg-type]

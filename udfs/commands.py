@@ -49,9 +49,13 @@ def embed(retrain: bool, backend: str | None, store: str | None, m: int | None,
         bar.total = total
         bar.refresh()
 
+    def changed(old: str, new: str) -> None:
+        tqdm.write(f"the lake was embedded with {old}; this dicomlake embeds with {new}: "
+                   "every image is embedded again and a new PQ codebook is trained", sys.stderr)
+
     try:
         result = run_embed(spark, settings, similarity, retrain=retrain, progress=bar.update,
-                           on_plan=planned)
+                           on_plan=planned, on_model_change=changed)
         bar.update(max(0, (bar.total or 0) - bar.n))
     except DicomlakeError as exc:
         bar.close()

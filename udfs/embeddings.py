@@ -54,7 +54,7 @@ def codes_schema() -> StructType:
     return from_arrow_schema(_encode_output())
 
 
-def embed_batches(home: str, batch_size: int = 32, backend: str = "onnx"
+def embed_batches(batch_size: int = 32, backend: str = "onnx"
                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """A ``mapInArrow`` function: (sop_instance_uid, path) rows -> embedding/error rows.
 
@@ -67,7 +67,7 @@ def embed_batches(home: str, batch_size: int = 32, backend: str = "onnx"
 
         from dicomlake.udfs.features import FeatureModel, ImageInput, featurize
 
-        model = FeatureModel(home, backend)
+        model = FeatureModel(backend)
         schema = _embed_output()
 
         def inputs() -> Iterator[ImageInput]:

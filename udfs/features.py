@@ -51,9 +51,7 @@ class FeatureModel:
     """The configured backend's model; its weights load on the first ``embed`` (once per
     process), so building one to read ``info`` costs nothing."""
 
-    def __init__(self, home: str | os.PathLike[str], backend: ModelBackend | str,
-                 threads: int | None = None) -> None:
-        self.home = str(home)
+    def __init__(self, backend: ModelBackend | str, threads: int | None = None) -> None:
         self.backend = ModelBackend(backend)
         self.info = model_mod.model_info(self.backend)
         self.threads = threads or int(os.environ.get(THREADS_ENV, "1"))
@@ -64,7 +62,7 @@ class FeatureModel:
         if len(images) == 0:
             return np.zeros((0, self.info.dim), np.float32)
         if self._embedder is None:
-            self._embedder = model_mod.embedder_for(self.home, self.backend, self.threads)
+            self._embedder = model_mod.embedder_for(self.backend, self.threads)
         return self._embedder.embed(images)
 
 

