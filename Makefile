@@ -1,20 +1,26 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make demo   - install, make sample archives, ingest them, show the tables, open a SQL shell
-#   make test   - install, lint, run the whole test suite (what .ci/run calls)
+#   make test   - install, lint, run the whole test suite (what .ci/run calls), then the fast
+#                 suite again on a second interpreter (Python 3.13 where one is found)
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 FLINK_VENV := .venv-flink
+# The second interpreter CI tests on: python3.13 on PATH, else pyenv's (our machines' place)
+SECOND_PYTHON ?= $(firstword $(shell command -v python3.13 >/dev/null 2>&1 && \
+	python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null) \
+	$(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+SECOND_VENV := .venv-second
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[all,test]"
+	$(BIN)/pip install --quiet -e ".[all,test,export]"
 	touch $@
 
-.PHONY: install demo test lint typecheck chromium
+.PHONY: install demo test test-second lint typecheck chromium
 install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed chromium
 
 # The streaming job's own interpreter: apache-flink pins pyarrow<17 (through apache-beam),
@@ -61,3 +67,17 @@ typecheck: install
 
 test: lint
 	$(BIN)/pytest -m "slow or not slow"  # everything; plain `pytest` runs the fast tests only
+	$(MAKE) test-second
+
+# The fast suite on the second interpreter, with every extra that installs there (`export`
+# needs torch, which lies on our machines for 3.11 only; the Flink venv stays on 3.11)
+$(SECOND_VENV)/.installed: pyproject.toml
+	test -n "$(SECOND_PYTHON)" || { echo "no python3.13 found: set SECOND_PYTHON=/path/to/python"; exit 1; }
+	test -x $(SECOND_VENV)/bin/python || $(SECOND_PYTHON) -m venv $(SECOND_VENV)
+	$(SECOND_VENV)/bin/pip install --quiet --upgrade pip
+	DICOMLAKE_SKIP_LABEXTENSION=1 $(SECOND_VENV)/bin/pip install --quiet -e ".[all,test]"
+	touch $@
+
+test-second: $(SECOND_VENV)/.installed
+	$(SECOND_VENV)/bin/python --version
+	$(SECOND_VENV)/bin/pytest

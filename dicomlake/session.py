@@ -34,6 +34,7 @@ _SESSION_DEFAULTS = {
 _CLASSIC_DEFAULTS = {
     "spark.ui.showConsoleProgress": "false",
     "spark.python.worker.reuse": "true",
+    "spark.executorEnv.PYTHONSAFEPATH": "1",  # see build_session: the worker's cwd
 }
 """Set when this process starts the Spark driver (a Connect server keeps its own)."""
 
@@ -134,6 +135,12 @@ def build_session(settings: Settings | None = None, *, app_name: str = "dicomlak
     master = settings.spark.master
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    # Python workers run `python -m pyspark.daemon` in the current directory, and `-m` puts
+    # that directory first on sys.path: standing in a checkout, its `dicomlake/` folder (which
+    # lacks the mapped subpackages) would shadow an installed package. Safe-path mode keeps
+    # the current directory off sys.path; workers inherit this process's environment in
+    # local mode and get it through spark.executorEnv elsewhere.
+    os.environ["PYTHONSAFEPATH"] = "1"
     if master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 

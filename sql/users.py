@@ -65,7 +65,7 @@ def _hasher() -> object:
         from argon2 import PasswordHasher
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise ImportError("argon2-cffi is required for SQL users. Install it with "
-                          "`pip install 'dicomlake[sql]'`.") from exc
+                          "`pip install --force-reinstall dicomlake`.") from exc
     return PasswordHasher()
 
 
