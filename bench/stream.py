@@ -56,16 +56,18 @@ def _knn(spark: Any, uids: list[str]) -> list[Any]:
 def run(images: int = 100, rate: float = 4.0, warmup: int = 32, burst: int = 100,
         ) -> dict[str, object]:
     from dicomlake.catalog.sample import Profile, make_sample
-    from dicomlake.config import Settings, SparkSettings
+    from dicomlake.config import Settings, SparkSettings, load_settings
     from dicomlake.session import build_session
     from dicomlake.streaming import runner
     from dicomlake.streaming.producer import Uploader
-    from dicomlake.streaming.settings import StreamSettings, _default_flink_python
+    from dicomlake.streaming.settings import StreamSettings, load_stream
 
     tmp = Path(tempfile.mkdtemp(prefix="dicomlake-bench-stream-"))
     settings = Settings(home=tmp / "home",
                         spark=SparkSettings(master="local[2]", driver_memory="2g"))
-    stream = StreamSettings(flink_python=_default_flink_python(), min_train=warmup)
+    # the user's Flink interpreter (config, .venv-flink, or `dicomlake stream setup`'s)
+    stream = StreamSettings(flink_python=load_stream(load_settings()).flink_python,
+                            min_train=warmup)
     archives = make_sample(tmp / "data", archives=1, files=warmup + images + burst, seed=21,
                            profile=Profile.CTMR, workers=1)
     with zipfile.ZipFile(archives[0]) as zf:

