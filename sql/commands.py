@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import signal
 import socket
@@ -55,11 +56,18 @@ def _read_password(password_stdin: bool) -> str:
 @click.option("--with-stream", is_flag=True,
               help="Also run the upload stream (broker + Flink job) while serving; it is "
                    "stopped with the server unless it was already running.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info",
+              show_default=True,
+              help="info: one line per failed statement; debug adds their full stacks.")
 def serve(host: str, port: int | None, tls: str | None, tls_cert: Path | None,
           tls_key: Path | None, max_concurrent: int, timeout_seconds: float, max_rows: int,
           max_concurrent_per_user: int | None, public_url: str | None,
-          with_stream: bool) -> None:
+          with_stream: bool, log_level: str) -> None:
     """Serve the lake over the Trino protocol (trino CLI, JDBC, Python, BI tools)."""
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level != "debug":  # py4j logs every gateway call at INFO/DEBUG
+        logging.getLogger("py4j").setLevel(logging.WARNING)
     from dicomlake.console import start_session
     from dicomlake.sql.errors import SqlServiceError
     from dicomlake.sql.query import Limits

@@ -57,3 +57,26 @@ def connect(url: str, user: str, password: str, **kwargs) -> trino.dbapi.Connect
     return trino.dbapi.connect(
         host="127.0.0.1", port=port_of(url), user=user, http_scheme="http",
         auth=BasicAuthentication(user, password), allow_insecure_auth=True, **kwargs)
+
+
+PASSWORDS = {"root": "root password", "doc": "doc password", "ana": "ana password"}
+"""Users of :func:`lake_with_users`: an admin, a clinician and an analyst."""
+
+
+def lake_with_users(home: Path, spark, settings, sample_archives) -> Path:
+    """``home`` with the sample archives ingested, de-identified tables refreshed and the
+    three :data:`PASSWORDS` users (root admin, doc clinician, ana analyst)."""
+    from dicomlake.catalog import deid
+    from dicomlake.catalog.ingest import ingest
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.sql.users import Role, UserStore
+
+    result = ingest(spark, Warehouse(home / "warehouse"), [str(p) for p in sample_archives])
+    assert result.rows_written > 0
+    deid.refresh(home / "warehouse", home)
+    # ingest bound the shared session's table names to this lake; give them back
+    Warehouse(settings.warehouse_path).register(spark)
+    store = UserStore(home)
+    for user, role in (("root", Role.ADMIN), ("doc", Role.CLINICIAN), ("ana", Role.ANALYST)):
+        store.add(user, PASSWORDS[user], role)
+    return home

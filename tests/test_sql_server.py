@@ -16,36 +16,19 @@ from pathlib import Path
 import pytest
 import requests
 import trino
+from _sql_helpers import PASSWORDS, lake_with_users, port_of, serve
 from _sql_helpers import connect as connect_as
-from _sql_helpers import port_of, serve
 from trino.auth import BasicAuthentication
 from trino.exceptions import HttpError, TrinoQueryError, TrinoUserError
 
 pytestmark = pytest.mark.slow
 
-PASSWORDS = {"root": "root password", "doc": "doc password", "ana": "ana password"}
 MAX_ROWS = 150_000
 
 
 @pytest.fixture(scope="module")
 def sql_home(tmp_path_factory, spark, settings, sample_archives) -> Path:
-    """A lake home with ingested samples and three users."""
-    from dicomlake.catalog import deid
-    from dicomlake.catalog.ingest import ingest
-    from dicomlake.catalog.warehouse import Warehouse
-    from dicomlake.sql.users import Role, UserStore
-
-    home = tmp_path_factory.mktemp("sql-home")
-    result = ingest(spark, Warehouse(home / "warehouse"), [str(p) for p in sample_archives])
-    assert result.rows_written > 0
-    deid.refresh(home / "warehouse", home)
-    # ingest bound the shared session's table names to this lake; give them back
-    Warehouse(settings.warehouse_path).register(spark)
-    store = UserStore(home)
-    store.add("root", PASSWORDS["root"], Role.ADMIN)
-    store.add("doc", PASSWORDS["doc"], Role.CLINICIAN)
-    store.add("ana", PASSWORDS["ana"], Role.ANALYST)
-    return home
+    return lake_with_users(tmp_path_factory.mktemp("sql-home"), spark, settings, sample_archives)
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from _sql_helpers import PASSWORDS, lake_with_users, serve
 from _sql_helpers import connect as connect_as
-from _sql_helpers import serve
 from trino.exceptions import TrinoUserError
 
 pytestmark = pytest.mark.slow
 
-PASSWORDS = {"root": "root password", "doc": "doc password", "ana": "ana password"}
 
 
 @pytest.fixture(scope="module")
 def sql_home(tmp_path_factory, spark, settings, sample_archives) -> Path:
-    """A lake home with ingested samples and three users."""
-    from dicomlake.catalog import deid
-    from dicomlake.catalog.ingest import ingest
-    from dicomlake.catalog.warehouse import Warehouse
-    from dicomlake.sql.users import Role, UserStore
-
     home = tmp_path_factory.mktemp("trino-compat-home")
-    result = ingest(spark, Warehouse(home / "warehouse"), [str(p) for p in sample_archives])
-    assert result.rows_written > 0
-    deid.refresh(home / "warehouse", home)
-    # ingest bound the shared session's table names to this lake; give them back
-    Warehouse(settings.warehouse_path).register(spark)
-    store = UserStore(home)
-    for user, role in (("root", Role.ADMIN), ("doc", Role.CLINICIAN), ("ana", Role.ANALYST)):
-        store.add(user, PASSWORDS[user], role)
-    return home
+    return lake_with_users(home, spark, settings, sample_archives)
 
 
 @pytest.fixture(scope="module")
