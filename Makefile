@@ -66,7 +66,7 @@ typecheck: install
 	$(BIN)/mypy build/typecheck/dicomlake
 
 test: lint
-	$(BIN)/pytest -m "slow or not slow"  # everything; plain `pytest` runs the fast tests only
+	$(BIN)/pytest -m "slow or not slow" --durations=25  # everything; plain `pytest`: fast tests only
 	$(MAKE) test-second
 
 # The fast suite on the second interpreter, with every extra that installs there (`export`
