@@ -4,8 +4,11 @@ Batch tasks (:mod:`dicomlake.udfs.embeddings` wraps these for ``mapInArrow``), t
 writer, the SQL functions and ``image_knn`` queries all call this module, so each rule lives
 here once:
 
-* which model embeds: the configured backend (:class:`FeatureModel`), whose id and version go
-  with every vector and every pixel error;
+* which model embeds: the configured backend, device and precision (:class:`FeatureModel`),
+  whose id and version go with every vector and every pixel error;
+* how frames reach the model: decoded in this process (inside a Spark task, where Spark
+  already runs one task per core) or by a pool of decode processes
+  (:mod:`dicomlake.udfs.decode`; the GPU path, where one process runs the model);
 * what an image that cannot be decoded becomes: a ``dicom.pixel_errors`` row, never a failure;
 * how PQ trains: on the ``train_sample`` embeddings of the current model with the smallest
   hash of (uid, frame), a sample that does not depend on arrival order or on which path
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +32,9 @@ import numpy as np
 
 from dicomlake.catalog import tables
 from dicomlake.udfs import model as model_mod
+from dicomlake.udfs.decode import StageTimes, decode_stream, model_batches
 from dicomlake.udfs.errors import CodebookError, PixelError
-from dicomlake.udfs.pixels import frame_inputs, read_bytes
-from dicomlake.udfs.settings import ModelBackend
+from dicomlake.udfs.settings import Device, ModelBackend, Precision
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -48,12 +52,17 @@ def _now() -> dt.datetime:
 
 
 class FeatureModel:
-    """The configured backend's model; its weights load on the first ``embed`` (once per
-    process), so building one to read ``info`` costs nothing."""
+    """The configured backend's model on its device; its weights load on the first ``embed``
+    (once per process), so building one to read ``info`` costs nothing (``device = "auto"``
+    is resolved then too: it imports torch)."""
 
-    def __init__(self, backend: ModelBackend | str, threads: int | None = None) -> None:
+    def __init__(self, backend: ModelBackend | str, threads: int | None = None, *,
+                 device: Device | str = Device.CPU,
+                 precision: Precision | str = Precision.FP32) -> None:
         self.backend = ModelBackend(backend)
-        self.info = model_mod.model_info(self.backend)
+        self.device = Device(device)
+        self.precision = Precision(precision)
+        self.info = model_mod.model_info(self.backend, self.precision)
         self.threads = threads or int(os.environ.get(THREADS_ENV, "1"))
         self._embedder: model_mod.ImageEmbedder | None = None
 
@@ -62,7 +71,9 @@ class FeatureModel:
         if len(images) == 0:
             return np.zeros((0, self.info.dim), np.float32)
         if self._embedder is None:
-            self._embedder = model_mod.embedder_for(self.backend, self.threads)
+            self._embedder = model_mod.embedder_for(self.backend, self.threads,
+                                                    device=self.device,
+                                                    precision=self.precision)
         return self._embedder.embed(images)
 
 
@@ -87,13 +98,17 @@ class Features:
     error_inputs: list[int] = field(default_factory=list)
 
 
-def _rows(model: FeatureModel, frames: list[tuple[int, ImageInput, int, np.ndarray, bytes]],
-          errors: list[tuple[int, ImageInput, PixelError]]) -> Features:
+def _rows(model: FeatureModel, images: np.ndarray,
+          frames: list[tuple[int, ImageInput, int, bytes]],
+          errors: list[tuple[int, ImageInput, PixelError]], stats: StageTimes | None,
+          ) -> Features:
     import pyarrow as pa
 
     now, info = _now(), model.info
-    vectors = model.embed(np.stack([f[3] for f in frames]) if frames
-                          else np.zeros((0, 224, 224, 3), np.uint8))
+    started = time.perf_counter()
+    vectors = model.embed(images)
+    if stats is not None:
+        stats.model_seconds += time.perf_counter() - started
     n = len(frames)
     embeddings = pa.Table.from_pydict({
         "sop_instance_uid": [f[1].uid for f in frames],
@@ -102,7 +117,7 @@ def _rows(model: FeatureModel, frames: list[tuple[int, ImageInput, int, np.ndarr
             pa.array(vectors.reshape(-1), pa.float32()), info.dim).cast(
                 pa.list_(pa.float32())) if n else pa.array([], pa.list_(pa.float32())),
         "model_id": [info.model_id] * n, "model_version": [info.version] * n,
-        "thumbnail": pa.array([f[4] for f in frames], pa.binary()),
+        "thumbnail": pa.array([f[3] for f in frames], pa.binary()),
         "embedded_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
     }, schema=tables.EMBEDDINGS.schema)
     m = len(errors)
@@ -116,27 +131,34 @@ def _rows(model: FeatureModel, frames: list[tuple[int, ImageInput, int, np.ndarr
 
 
 def featurize(inputs: Iterable[ImageInput], model: FeatureModel, *, batch_size: int = 32,
-              ) -> Iterator[Features]:
-    """Embed every frame of every input, ``batch_size`` frames per model call.
+              workers: int = 0, stats: StageTimes | None = None) -> Iterator[Features]:
+    """Embed every frame of every input, about ``batch_size`` frames per model call.
 
     A multi-frame instance gives one embedding row per frame; an instance whose pixels cannot
     be read or decoded gives one pixel error row. Yields whenever a batch is full, and once
-    at the end when anything is left.
+    at the end when anything is left. ``workers`` > 0 decodes in that many processes while
+    this one runs the model (:func:`dicomlake.udfs.decode.decode_stream`; same inputs, same
+    order); ``stats`` receives the time of each stage.
     """
-    frames: list[tuple[int, ImageInput, int, np.ndarray, bytes]] = []
-    errors: list[tuple[int, ImageInput, PixelError]] = []
-    for index, item in enumerate(inputs):
-        try:
-            data = read_bytes(item.path) if item.data is None else item.data
-            for i, (image, thumb) in enumerate(frame_inputs(data, item.path)):
-                frames.append((index, item, i, image, thumb))
-        except PixelError as exc:
-            errors.append((index, item, exc))
-        if len(frames) >= batch_size:
-            yield _rows(model, frames, errors)
-            frames, errors = [], []
-    if frames or errors:
-        yield _rows(model, frames, errors)
+    held: dict[int, ImageInput] = {}
+
+    def sources() -> Iterator[tuple[str, bytes | None]]:
+        for index, item in enumerate(inputs):
+            held[index] = item
+            yield item.path, item.data
+
+    decoded = decode_stream(sources(), workers=workers, thumbnails=True, stats=stats)
+    for images, batch in model_batches(decoded, batch_size):
+        frames: list[tuple[int, ImageInput, int, bytes]] = []
+        errors: list[tuple[int, ImageInput, PixelError]] = []
+        for entry in batch:
+            item = held.pop(entry.index)
+            if entry.error is not None:
+                errors.append((entry.index, item, entry.error))
+            else:
+                frames += [(entry.index, item, i, thumb)
+                           for i, thumb in enumerate(entry.thumbnails)]
+        yield _rows(model, images, frames, errors, stats)
 
 
 def vectors_of(embeddings: pa.Table | pa.RecordBatch) -> np.ndarray:

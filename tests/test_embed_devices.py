@@ -1,0 +1,237 @@
+"""The device and precision choice, and the Spark-free decode pipeline that feeds a GPU.
+
+Parity is proved on real sample images against the shipped ONNX model: torch fp32 (on torch's
+CPU here, on CUDA where a GPU is) must give the same vectors, since both share one model
+version; bf16 is measured, and allowed only if it stays within cosine 0.9999. The decode
+pipeline must give exactly the model inputs of :mod:`dicomlake.udfs.pixels`, in order, with
+undecodable files as error entries.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from dicomlake.catalog.sample import find_template
+from dicomlake.config import Settings
+from dicomlake.errors import ConfigError
+from dicomlake.udfs import model as model_mod
+from dicomlake.udfs.decode import StageTimes, decode_stream, model_batches
+from dicomlake.udfs.errors import EmbeddingError, PixelErrorKind
+from dicomlake.udfs.features import FeatureModel, ImageInput, featurize
+from dicomlake.udfs.pixels import frame_inputs, model_inputs, read_bytes
+from dicomlake.udfs.settings import (
+    REFUSED_PRECISIONS,
+    Device,
+    ModelBackend,
+    Precision,
+    SimilaritySettings,
+    load_similarity,
+)
+
+torch = pytest.importorskip("torch", reason="the [gpu]/[export] extra (torch) is not installed")
+from dicomlake.udfs.torch_model import (  # noqa: E402  (needs torch)
+    BF16_MIN_COSINE,
+    FP32_MIN_COSINE,
+    TorchEmbedder,
+)
+
+CUDA = torch.cuda.is_available()
+NO_CUDA = (f"no CUDA device: torch {torch.__version__} sees none (torch.cuda.is_available() "
+           "is False); the CUDA parity test runs on GPU machines only")
+# single-frame CT, MR, RGB, JPEG 2000, RLE and JPEG-baseline files, and a 10-frame MR
+PARITY = ("CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_J2KR.dcm", "MR_small_RLE.dcm",
+          "SC_rgb_jpeg_gdcm.dcm", "emri_small.dcm")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """The first two frames of each parity file (12 images)."""
+    return np.concatenate([model_inputs(str(find_template(n)))[:2] for n in PARITY])
+
+
+@pytest.fixture(scope="module")
+def onnx_vectors(images) -> np.ndarray:
+    return model_mod.get_embedder(threads=2).embed(images)
+
+
+def test_torch_fp32_gives_the_onnx_vectors(images, onnx_vectors):
+    """Why fp32 torch vectors may share the ONNX model version."""
+    vectors = TorchEmbedder("cpu", Precision.FP32, threads=2).embed(images)
+    assert vectors.shape == onnx_vectors.shape == (len(images), model_mod.DIM)
+    assert _cosines(vectors, onnx_vectors).min() >= FP32_MIN_COSINE
+
+
+def test_bf16_is_allowed_only_if_its_measured_cosine_reaches_the_bar(images, onnx_vectors):
+    """bf16 autocast on torch's CPU, on the two images that drift most; the refusal in the
+    settings must match what is measured here."""
+    pair = images[[0, 2]]  # CT_small, MR_small
+    vectors = TorchEmbedder("cpu", Precision.BF16, threads=2, batch_size=2).embed(pair)
+    worst = float(_cosines(vectors, onnx_vectors[[0, 2]]).min())
+    assert worst > 0.95  # bf16 of the same network, not another model
+    assert (worst >= BF16_MIN_COSINE) == (Precision.BF16 not in REFUSED_PRECISIONS), worst
+    if Precision.BF16 in REFUSED_PRECISIONS:
+        with pytest.raises(ConfigError, match=r"'similarity.precision' = \"bf16\" is refused"
+                                              r".*0\.9999"):
+            SimilaritySettings(device=Device.CUDA, precision=Precision.BF16)
+
+
+def test_other_precisions_are_other_model_versions():
+    fp32, bf16 = model_mod.model_info("onnx"), model_mod.model_info("onnx", "bf16")
+    assert fp32.version == model_mod.model_version()
+    assert bf16.version == f"{fp32.version}-bf16" and bf16.model_id == fp32.model_id
+    assert FeatureModel("onnx", device="cpu").info == fp32
+    assert FeatureModel("onnx", device="cuda", precision="bf16").info == bf16  # nothing loads
+    assert [model_mod.precision_of(i.version) for i in (fp32, bf16)] == [Precision.FP32,
+                                                                         Precision.BF16]
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_cuda_gives_the_onnx_vectors(images, onnx_vectors):
+    """The GPU path: the configured embedder on CUDA, fp32 parity, and bf16 on the GPU held
+    to the same rule as on the CPU."""
+    assert model_mod.resolve_device("auto") is Device.CUDA
+    vectors = FeatureModel("onnx", device="cuda").embed(images)
+    assert _cosines(vectors, onnx_vectors).min() >= FP32_MIN_COSINE
+    bf16 = float(_cosines(TorchEmbedder("cuda", Precision.BF16).embed(images),
+                          onnx_vectors).min())
+    assert (bf16 >= BF16_MIN_COSINE) == (Precision.BF16 not in REFUSED_PRECISIONS), bf16
+
+
+# -- device choice and settings -------------------------------------------------------------
+
+@pytest.fixture
+def home(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith("DICOMLAKE_"):
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def test_device_settings_from_file_and_environment(home, monkeypatch):
+    settings = Settings(home=home)
+    assert (load_similarity(settings).device, load_similarity(settings).precision) == (
+        Device.CPU, Precision.FP32)  # the default: ONNX Runtime, unchanged
+    (home / "dicomlake.toml").write_text('[similarity]\ndevice = "auto"\nprecision = "fp32"\n')
+    assert load_similarity(settings).device is Device.AUTO
+    monkeypatch.setenv("DICOMLAKE_EMBED_DEVICE", "CUDA")
+    assert load_similarity(settings).device is Device.CUDA
+
+
+@pytest.mark.parametrize(("text", "key", "allowed"), [
+    ('device = "tpu"', "similarity.device", "cpu, cuda, auto"),
+    ('precision = "fp16"', "similarity.precision", "fp32, bf16"),
+])
+def test_unknown_device_or_precision_names_the_key(home, text, key, allowed):
+    (home / "dicomlake.toml").write_text(f"[similarity]\n{text}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_similarity(Settings(home=home))
+    message = str(caught.value)
+    assert f"'{key}'" in message and allowed in message and "dicomlake.toml" in message
+
+
+def test_cuda_is_refused_for_the_tensorflow_backend():
+    with pytest.raises(ConfigError, match=r"'similarity.device' = \"cuda\".*onnx backend"):
+        SimilaritySettings(backend=ModelBackend.TENSORFLOW, device=Device.CUDA)
+    assert model_mod.resolve_device("auto", "tensorflow") is Device.CPU
+
+
+def test_auto_picks_what_the_machine_has():
+    assert model_mod.resolve_device("auto") is (Device.CUDA if CUDA else Device.CPU)
+    assert model_mod.resolve_device("cpu") is Device.CPU
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has a CUDA device: cuda is usable here")
+def test_cuda_without_a_device_says_what_to_do():
+    for attempt in (lambda: model_mod.resolve_device("cuda"),
+                    lambda: model_mod.prepare("onnx", "cuda"),
+                    lambda: FeatureModel("onnx", device="cuda").embed(
+                        np.zeros((1, 224, 224, 3), np.uint8))):
+        with pytest.raises(EmbeddingError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert "pip install dicomlake[gpu]" in message and 'device = "cpu"' in message
+        assert f"torch {torch.__version__}" in message
+
+
+def test_without_torch_auto_is_cpu_and_cuda_says_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert model_mod.resolve_device("auto") is Device.CPU
+    with pytest.raises(EmbeddingError, match=r"not installed.*pip install dicomlake\[gpu\]"):
+        model_mod.resolve_device("cuda")
+
+
+# -- the decode pipeline ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> list[str]:
+    """Real files in mixed syntaxes, a truncated file and one without pixels, the failures
+    in the middle so the pipeline must go on after them."""
+    whole = find_template("CT_small.dcm").read_bytes()
+    broken = tmp_path_factory.mktemp("decode") / "broken.dcm"
+    broken.write_bytes(whole[:len(whole) * 2 // 3])  # cut inside its pixel data
+    names = ("CT_small.dcm", "emri_small.dcm", "US1_J2KR.dcm", "rtplan.dcm",
+             "MR_small_RLE.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small.dcm")
+    paths = [str(find_template(n)) for n in names]
+    return [*paths[:3], str(broken), *paths[3:]]
+
+
+@pytest.fixture(scope="module")
+def pooled(sources) -> tuple[list, StageTimes]:
+    stats = StageTimes()
+    out = list(decode_stream(((p, None) for p in sources), workers=2, chunk=2, in_flight=2,
+                             stats=stats))
+    return out, stats
+
+
+def test_pool_gives_the_model_inputs_of_pixels_in_order(sources, pooled):
+    decoded, stats = pooled
+    assert [d.index for d in decoded] == list(range(len(sources)))
+    assert [d.path for d in decoded] == sources
+    failed = {d.path: d.error for d in decoded if d.error is not None}
+    assert [os.path.basename(p) for p in failed] == ["broken.dcm", "rtplan.dcm"]
+    assert failed[sources[3]].kind is PixelErrorKind.UNDECODABLE
+    assert failed[sources[4]].kind is PixelErrorKind.NO_PIXELS
+    for d in decoded:
+        if d.error is None:
+            assert np.array_equal(d.images, model_inputs(d.path)), d.path
+        else:
+            assert d.images.shape == (0, 224, 224, 3)
+    assert (stats.inputs, stats.errors, stats.frames) == (len(sources), 2, 10 + 5)
+    assert stats.decode_seconds > 0 and stats.wait_seconds > 0
+
+
+def test_thumbnails_and_batches_match_frame_inputs(sources):
+    decoded = list(decode_stream(((p, read_bytes(p)) for p in sources[:3]), thumbnails=True))
+    for d in decoded:
+        pairs = frame_inputs(read_bytes(d.path), d.path)
+        assert np.array_equal(d.images, np.stack([p[0] for p in pairs]))
+        assert d.thumbnails == tuple(p[1] for p in pairs)
+    batches = list(model_batches(decoded, batch_size=4))
+    # CT (1 frame) + emri (10: never split) fill the first batch; US the second
+    assert [(len(images), [d.index for d in held]) for images, held in batches] == [
+        (11, [0, 1]), (1, [2])]
+
+
+def test_featurize_with_decode_workers_writes_the_same_rows(sources):
+    inputs = [ImageInput(f"uid{i}", p) for i, p in enumerate(sources)]
+    model = FeatureModel("onnx", threads=2)
+    stats = StageTimes()
+    inline = list(featurize(inputs, model, batch_size=8))
+    pooled = list(featurize(iter(inputs), model, batch_size=8, workers=2, stats=stats))
+    assert len(pooled) == len(inline)
+    for a, b in zip(inline, pooled, strict=True):
+        assert a.embedding_inputs == b.embedding_inputs and a.error_inputs == b.error_inputs
+        for column in ("sop_instance_uid", "frame", "embedding", "thumbnail", "model_version"):
+            assert a.embeddings.column(column).equals(b.embeddings.column(column)), column
+        assert a.pixel_errors.column("error").equals(b.pixel_errors.column("error"))
+    uids = [u for f in pooled for u in f.pixel_errors.column("sop_instance_uid").to_pylist()]
+    assert uids == ["uid3", "uid4"]
+    assert stats.frames == 15 and stats.model_seconds > 0
