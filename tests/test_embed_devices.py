@@ -19,7 +19,7 @@ from dicomlake.catalog.sample import find_template
 from dicomlake.config import Settings
 from dicomlake.errors import ConfigError
 from dicomlake.udfs import model as model_mod
-from dicomlake.udfs.decode import StageTimes, decode_stream, model_batches
+from dicomlake.udfs.decode import DecodePool, StageTimes, decode_stream, model_batches
 from dicomlake.udfs.errors import EmbeddingError, PixelErrorKind
 from dicomlake.udfs.features import FeatureModel, ImageInput, featurize
 from dicomlake.udfs.pixels import frame_inputs, model_inputs, read_bytes
@@ -225,7 +225,11 @@ def test_featurize_with_decode_workers_writes_the_same_rows(sources):
     model = FeatureModel("onnx", threads=2)
     stats = StageTimes()
     inline = list(featurize(inputs, model, batch_size=8))
-    pooled = list(featurize(iter(inputs), model, batch_size=8, workers=2, stats=stats))
+    with DecodePool(2) as pool:  # one started pool serves several streams
+        pooled = list(featurize(iter(inputs), model, batch_size=8, workers=pool, stats=stats))
+        again = list(featurize(inputs[:2], model, batch_size=8, workers=pool))
+    assert again[0].embeddings.column("embedding").equals(
+        pooled[0].embeddings.slice(0, 11).column("embedding"))
     assert len(pooled) == len(inline)
     for a, b in zip(inline, pooled, strict=True):
         assert a.embedding_inputs == b.embedding_inputs and a.error_inputs == b.error_inputs

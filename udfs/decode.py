@@ -11,7 +11,8 @@ comes back as an entry carrying its :class:`~.errors.PixelError` instead of stop
 stream. :class:`StageTimes` measures each stage.
 
 Workers are started with ``spawn``: the caller may hold a CUDA context, a JVM or thread pools,
-none of which survives a ``fork``.
+none of which survives a ``fork``. Starting them costs about a second, so a caller that decodes
+several streams keeps one :class:`DecodePool`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from types import TracebackType
 
 import numpy as np
 
@@ -72,6 +74,35 @@ class StageTimes:
     """Time in the model (filled in by the caller that runs it)."""
 
 
+class DecodePool:
+    """Started decode processes with the decoders imported, reusable across streams."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or all_cores()
+        self.executor = ProcessPoolExecutor(self.workers,
+                                            mp_context=multiprocessing.get_context("spawn"))
+        # one call per worker, submitted at once: every process starts (and imports) now
+        for done in [self.executor.submit(_warm) for _ in range(self.workers)]:
+            done.result()
+
+    def close(self) -> None:
+        """Stop the processes (waits for work in progress)."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _warm() -> None:
+    """Import what decoding needs (pydicom and its pixel plug-ins, PIL) in a new worker."""
+    import pydicom.pixels  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+
 Job = tuple[int, str, bytes | None]
 """(index, path, bytes or None: read by path) as sent to a worker."""
 _Result = tuple[int, str, np.ndarray, tuple[bytes, ...], tuple[str, str] | None, float]
@@ -109,14 +140,16 @@ def _decoded(result: _Result, stats: StageTimes | None) -> Decoded:
     return Decoded(index, path, images, thumbs, failure, seconds)
 
 
-def decode_stream(items: Iterable[tuple[str, bytes | None]], *, workers: int = 0,
-                  thumbnails: bool = False, chunk: int = 4, in_flight: int | None = None,
-                  stats: StageTimes | None = None) -> Iterator[Decoded]:
+def decode_stream(items: Iterable[tuple[str, bytes | None]], *,
+                  workers: int | DecodePool = 0, thumbnails: bool = False, chunk: int = 4,
+                  in_flight: int | None = None, stats: StageTimes | None = None,
+                  ) -> Iterator[Decoded]:
     """Decode ``(path, bytes or None)`` items, yielding them in input order.
 
     Args:
         items: what to decode; ``None`` bytes are read by path (archive members too).
-        workers: decode processes; 0 decodes in this process (no pool to start).
+        workers: decode processes to start for this stream, or a started pool to use;
+            0 decodes in this process (no pool to start).
         thumbnails: also make each frame's PNG thumbnail (as ``dicom.embeddings`` stores).
         chunk: inputs per worker call.
         in_flight: chunks submitted ahead of the one being consumed (default: 4 per
@@ -124,30 +157,37 @@ def decode_stream(items: Iterable[tuple[str, bytes | None]], *, workers: int = 0
         stats: filled in as items come back.
     """
     jobs = ((i, path, data) for i, (path, data) in enumerate(items))
+    if isinstance(workers, DecodePool):
+        yield from _pooled(jobs, workers, thumbnails, chunk, in_flight, stats)
+        return
     if workers <= 0:
         for job in jobs:
             yield _decoded(_decode(job, thumbnails), stats)
         return
-    limit = in_flight or 4 * workers
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque[Future[list[_Result]]] = deque()
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < limit:
-                batch = list(itertools.islice(jobs, chunk))
-                if not batch:
-                    exhausted = True
-                    break
-                pending.append(pool.submit(_decode_chunk, batch, thumbnails))
-            if not pending:
-                return
-            started = time.perf_counter()
-            results = pending.popleft().result()
-            if stats is not None:
-                stats.wait_seconds += time.perf_counter() - started
-            for result in results:
-                yield _decoded(result, stats)
+    with DecodePool(workers) as pool:
+        yield from _pooled(jobs, pool, thumbnails, chunk, in_flight, stats)
+
+
+def _pooled(jobs: Iterator[Job], pool: DecodePool, thumbnails: bool, chunk: int,
+            in_flight: int | None, stats: StageTimes | None) -> Iterator[Decoded]:
+    limit = in_flight or 4 * pool.workers
+    pending: deque[Future[list[_Result]]] = deque()
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < limit:
+            batch = list(itertools.islice(jobs, chunk))
+            if not batch:
+                exhausted = True
+                break
+            pending.append(pool.executor.submit(_decode_chunk, batch, thumbnails))
+        if not pending:
+            return
+        started = time.perf_counter()
+        results = pending.popleft().result()
+        if stats is not None:
+            stats.wait_seconds += time.perf_counter() - started
+        for result in results:
+            yield _decoded(result, stats)
 
 
 def model_batches(decoded: Iterable[Decoded], batch_size: int,

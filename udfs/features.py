@@ -32,7 +32,7 @@ import numpy as np
 
 from dicomlake.catalog import tables
 from dicomlake.udfs import model as model_mod
-from dicomlake.udfs.decode import StageTimes, decode_stream, model_batches
+from dicomlake.udfs.decode import DecodePool, StageTimes, decode_stream, model_batches
 from dicomlake.udfs.errors import CodebookError, PixelError
 from dicomlake.udfs.settings import Device, ModelBackend, Precision
 
@@ -131,14 +131,15 @@ def _rows(model: FeatureModel, images: np.ndarray,
 
 
 def featurize(inputs: Iterable[ImageInput], model: FeatureModel, *, batch_size: int = 32,
-              workers: int = 0, stats: StageTimes | None = None) -> Iterator[Features]:
+              workers: int | DecodePool = 0, stats: StageTimes | None = None,
+              ) -> Iterator[Features]:
     """Embed every frame of every input, about ``batch_size`` frames per model call.
 
     A multi-frame instance gives one embedding row per frame; an instance whose pixels cannot
     be read or decoded gives one pixel error row. Yields whenever a batch is full, and once
-    at the end when anything is left. ``workers`` > 0 decodes in that many processes while
-    this one runs the model (:func:`dicomlake.udfs.decode.decode_stream`; same inputs, same
-    order); ``stats`` receives the time of each stage.
+    at the end when anything is left. ``workers`` > 0 (or a started pool) decodes in other
+    processes while this one runs the model (:func:`dicomlake.udfs.decode.decode_stream`:
+    same inputs, same order); ``stats`` receives the time of each stage.
     """
     held: dict[int, ImageInput] = {}
 
