@@ -103,13 +103,13 @@ def _warm() -> None:
     from PIL import Image  # noqa: F401
 
 
-Job = tuple[int, str, bytes | None]
+_Job = tuple[int, str, bytes | None]
 """(index, path, bytes or None: read by path) as sent to a worker."""
 _Result = tuple[int, str, np.ndarray, tuple[bytes, ...], tuple[str, str] | None, float]
 """A worker's answer; a PixelError travels as (kind, message): it does not pickle."""
 
 
-def _decode(job: Job, thumbnails: bool) -> _Result:
+def _decode(job: _Job, thumbnails: bool) -> _Result:
     index, path, data = job
     started = time.perf_counter()
     try:
@@ -124,7 +124,7 @@ def _decode(job: Job, thumbnails: bool) -> _Result:
     return index, path, images, thumbs, None, time.perf_counter() - started
 
 
-def _decode_chunk(jobs: list[Job], thumbnails: bool) -> list[_Result]:
+def _decode_chunk(jobs: list[_Job], thumbnails: bool) -> list[_Result]:
     """Worker entry point: a few inputs per call, so the hand-over cost is shared."""
     return [_decode(job, thumbnails) for job in jobs]
 
@@ -168,7 +168,7 @@ def decode_stream(items: Iterable[tuple[str, bytes | None]], *,
         yield from _pooled(jobs, pool, thumbnails, chunk, in_flight, stats)
 
 
-def _pooled(jobs: Iterator[Job], pool: DecodePool, thumbnails: bool, chunk: int,
+def _pooled(jobs: Iterator[_Job], pool: DecodePool, thumbnails: bool, chunk: int,
             in_flight: int | None, stats: StageTimes | None) -> Iterator[Decoded]:
     limit = in_flight or 4 * pool.workers
     pending: deque[Future[list[_Result]]] = deque()
