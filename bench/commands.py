@@ -114,10 +114,12 @@ def embed_cmd(files: int, backend: str, as_json: bool) -> None:
 
 
 @bench.command("retrieval")
-@click.option("--bases", default=60, show_default=True, help="Distinct shipped images.")
+@click.option("--bases", default=60, show_default=True,
+              help="Most distinct pictures (perceptual groups) in the near-duplicate task.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def retrieval_cmd(bases: int, as_json: bool) -> None:
-    """precision@10 on near-duplicates of the shipped sample images."""
+    """precision@10 on near-duplicates of the shipped pictures (lossy copies grouped as one)
+    and on frames finding their own multi-frame object."""
     from dicomlake.bench import retrieval as retrieval_bench
 
     emit(retrieval_bench.run(bases=bases), as_json)
