@@ -166,7 +166,8 @@ class LakeWriter:
         self.epoch = epoch
         self.similarity = load_similarity(Settings(home=self.home, warehouse=self.warehouse))
         self.model = FeatureModel(self.similarity.backend,
-                                  int(os.environ.get("DICOMLAKE_ONNX_THREADS", "2")))
+                                  int(os.environ.get("DICOMLAKE_ONNX_THREADS", "2")),
+                                  device=self.similarity.device)
         self.store = open_store(self.warehouse, self.similarity)
         self.store.check()
         self.appender = DeltaAppender(self.warehouse, f"dicomlake-stream/{epoch}/{stream.topic}")

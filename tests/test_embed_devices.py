@@ -161,6 +161,21 @@ def test_cuda_without_a_device_says_what_to_do():
         assert f"torch {torch.__version__}" in message
 
 
+@pytest.mark.skipif(CUDA, reason="this machine has a CUDA device: cuda is usable here")
+def test_embed_tasks_run_on_the_configured_device():
+    """`dicomlake embed`'s tasks get the device setting: asked for cuda where there is none,
+    they say so instead of quietly using the CPU."""
+    import pyarrow as pa
+
+    from dicomlake.udfs.embeddings import embed_batches
+
+    ct = str(find_template("CT_small.dcm"))
+    rows = pa.RecordBatch.from_pydict({"sop_instance_uid": ["1.2.3"], "path": [ct]})
+    with pytest.raises(EmbeddingError, match=r"dicomlake\[gpu\]"):
+        list(embed_batches(2, "onnx", "cuda")(iter([rows])))
+    assert next(embed_batches(2, "onnx", "cpu")(iter([rows]))).num_rows == 1
+
+
 def test_without_torch_auto_is_cpu_and_cuda_says_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     assert model_mod.resolve_device("auto") is Device.CPU

@@ -118,7 +118,8 @@ def register_functions(spark: SparkSession, settings: Settings | None = None,
                                                       "binary"))
     backend = similarity.backend.value
     spark.udf.register("image_embedding", _vectorized(
-        make_embedding(home, warehouse, scope, backend, similarity.batch_size), "array<float>"))
+        make_embedding(home, warehouse, scope, backend, similarity.batch_size,
+                       similarity.device.value), "array<float>"))
     spark.udf.register("pq_encode", _vectorized(make_pq_encode(warehouse, backend), "binary"))
     spark.udf.register("pq_distance",
                        _vectorized(make_pq_distance(warehouse, backend), "double"))

@@ -54,12 +54,13 @@ def codes_schema() -> StructType:
     return from_arrow_schema(_encode_output())
 
 
-def embed_batches(batch_size: int = 32, backend: str = "onnx"
+def embed_batches(batch_size: int = 32, backend: str = "onnx", device: str = "cpu"
                   ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """A ``mapInArrow`` function: (sop_instance_uid, path) rows -> embedding/error rows.
 
-    ``backend`` is a :class:`~dicomlake.udfs.settings.ModelBackend` value; a plain string
-    keeps the pickled closure free of project classes.
+    ``backend`` and ``device`` are :class:`~dicomlake.udfs.settings.ModelBackend` and
+    ``Device`` values (``auto`` is resolved in each worker, on its own hardware); plain
+    strings keep the pickled closure free of project classes.
     """
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -67,7 +68,7 @@ def embed_batches(batch_size: int = 32, backend: str = "onnx"
 
         from dicomlake.udfs.features import FeatureModel, ImageInput, featurize
 
-        model = FeatureModel(backend)
+        model = FeatureModel(backend, device=device)
         schema = _embed_output()
 
         def inputs() -> Iterator[ImageInput]:

@@ -208,7 +208,7 @@ class Searcher:
             raise KnnError(f"image_knn: query image {text} has {len(images)} frame(s); "
                            f"frame {frame} does not exist")
         # the codebook's model, not the configured backend: codes and query must match
-        embedder = embedder_for(backend_of(self.book.model_id))
+        embedder = embedder_for(backend_of(self.book.model_id), device=self.similarity.device)
         vec = embedder.embed(images[frame:frame + 1])
         return self.book.check_vectors(vec, "image_knn query image")[0]
 

@@ -94,7 +94,7 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
     Returns (instances read, embedding rows, pixel error rows).
     """
     warehouse = Warehouse(settings.warehouse_path)
-    model_mod.prepare(similarity.backend)  # once, on the driver
+    model_mod.prepare(similarity.backend, similarity.device)  # once, on the driver
     version = model_mod.model_info(similarity.backend).version
     todo = _todo(spark, warehouse, version)
     if todo is None:
@@ -106,7 +106,8 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
         return 0, 0, 0
     parallel = default_parallelism(spark)
     todo = todo.repartition(max(parallel, min(count // 64, 4 * parallel)))
-    rows = todo.mapInArrow(embed_batches(similarity.batch_size, similarity.backend.value),
+    rows = todo.mapInArrow(embed_batches(similarity.batch_size, similarity.backend.value,
+                                         similarity.device.value),
                            embed_output_schema())
     targets = [TableTarget(t.name, str(t.path(warehouse.root)), t.columns)
                for t in (tables.EMBEDDINGS, tables.PIXEL_ERRORS)]

@@ -96,7 +96,7 @@ def _first_frame_input(path: str) -> np.ndarray | None:
 
 
 def make_embedding(home: str, warehouse: str, scope: ImageScope, backend: str,
-                   batch_size: int) -> Callable[[pd.Series], pd.Series]:
+                   batch_size: int, device: str = "cpu") -> Callable[[pd.Series], pd.Series]:
     """``image_embedding(id)``: the ``backend``'s embedding of the image's first frame.
 
     Multi-frame images give frame 0 only (``dicom.embeddings`` holds every frame). NULL for
@@ -110,7 +110,7 @@ def make_embedding(home: str, warehouse: str, scope: ImageScope, backend: str,
         from dicomlake.udfs.images import image_index
 
         index = image_index(home, warehouse, scope)
-        model = FeatureModel(backend)  # the process-wide model, loaded on first use
+        model = FeatureModel(backend, device=device)  # the process-wide model, loaded on first use
         out: list[np.ndarray | None] = [None] * len(refs)
         rows: list[int] = []
         images: list[np.ndarray] = []
