@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[all,test,export]"
 	touch $@
 
-.PHONY: install demo test test-second lint typecheck chromium
-install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed chromium
+.PHONY: install demo test test-second lint typecheck debian-tools
+install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed debian-tools
 
 # The streaming job's own interpreter: apache-flink pins pyarrow<17 (through apache-beam),
 # which pyspark 4.3 refuses, so Flink never shares .venv (streaming/flink-requirements.txt)
@@ -43,11 +43,13 @@ $(VENV)/.labextension: $(VENV)/.installed package.json package-lock.json tsconfi
 		$(VENV)/etc/jupyter/jupyter_server_config.d/dicomlake.json
 	touch $@
 
-# Debian's Chromium for the browser tests (test tools' own browser downloads fail here)
-chromium:
-	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+# Debian's Chromium for the browser tests (test tools' own browser downloads fail here) and
+# dcmtk, the DIMSE clients (storescu, findscu, echoscu) the DICOM service is tested with
+debian-tools:
+	@test -x /usr/bin/chromium -a -x /usr/bin/storescu || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium dcmtk; }
 
 demo: install
 	$(BIN)/dicomlake demo
@@ -61,7 +63,7 @@ lint: install typecheck
 typecheck: install
 	rm -rf build/typecheck && mkdir -p build/typecheck/dicomlake
 	ln -s $(CURDIR)/dicomlake/* build/typecheck/dicomlake/
-	for p in catalog udfs sql streaming extension bench; do \
+	for p in catalog udfs sql streaming extension bench dicomnet; do \
 		ln -s $(CURDIR)/$$p build/typecheck/dicomlake/$$p; done
 	$(BIN)/mypy build/typecheck/dicomlake
 
@@ -69,15 +71,17 @@ test: lint
 	$(BIN)/pytest -m "slow or not slow" --durations=25  # everything; plain `pytest`: fast tests only
 	$(MAKE) test-second
 
-# The fast suite on the second interpreter, with every extra that installs there (`export`
-# needs torch, which lies on our machines for 3.11 only; the Flink venv stays on 3.11)
+# The fast suite on the second interpreter, with the extras a 3.13 user installs: not
+# `export` (torch lies on our machines for 3.11 only), not `tensorflow` (1.9 GB of disk a CI
+# machine may not have; the main suite tests it), and the Flink venv stays on 3.11
 $(SECOND_VENV)/.installed: pyproject.toml
 	test -n "$(SECOND_PYTHON)" || { echo "no python3.13 found: set SECOND_PYTHON=/path/to/python"; exit 1; }
 	test -x $(SECOND_VENV)/bin/python || $(SECOND_PYTHON) -m venv $(SECOND_VENV)
 	$(SECOND_VENV)/bin/pip install --quiet --upgrade pip
-	DICOMLAKE_SKIP_LABEXTENSION=1 $(SECOND_VENV)/bin/pip install --quiet -e ".[all,test]"
+	DICOMLAKE_SKIP_LABEXTENSION=1 $(SECOND_VENV)/bin/pip install --quiet \
+		-e ".[similarity,jupyter,streaming,test]"
 	touch $@
 
 test-second: $(SECOND_VENV)/.installed
 	$(SECOND_VENV)/bin/python --version
-	$(SECOND_VENV)/bin/pytest
+	DICOMLAKE_TESTS_WITHOUT=tensorflow $(SECOND_VENV)/bin/pytest

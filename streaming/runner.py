@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -122,7 +123,8 @@ def start(settings: Settings, stream: StreamSettings | None = None, *,
     log = state / "job.log"
     # safe-path mode: a `dicomlake/` folder where the user stands (a checkout) must not
     # shadow the package the interpreter was given (see dicomlake.session.build_session)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1",
+           "JVM_ARGS": f"{os.environ.get('JVM_ARGS', '')} -Djava.io.tmpdir={_jvm_tmp(state)}"}
     env.pop("PYTHONPATH", None)
     with log.open("ab") as out:
         proc = subprocess.Popen([str(python), "-m", "dicomlake.streaming.job", "--args-file",
@@ -139,6 +141,19 @@ def start(settings: Settings, stream: StreamSettings | None = None, *,
             raise StreamError(f"the Flink job did not start within {wait_s:.0f} s; see {log}")
         time.sleep(0.2)
     return {"bootstrap": bootstrap, "job_pid": proc.pid, "already_running": False}
+
+
+def _jvm_tmp(state: Path) -> Path:
+    """An emptied temp folder for the job's JVM, under the stream's state.
+
+    Flink's table planner unpacks a 45 MB jar into the JVM's temp folder on every start and
+    deletes it only on a clean exit, so each killed job (a crash, ``stream stop`` past its
+    timeout) would leave one in ``/tmp`` for good. Here the next start or stop clears it.
+    """
+    tmp = state / "jvm-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def kill_job(settings: Settings, sig: int = signal.SIGKILL) -> int | None:
@@ -177,6 +192,7 @@ def stop_job(settings: Settings, timeout: float = 30.0) -> bool:
         pass
     _reap(pid)
     (state / "job.json").unlink(missing_ok=True)
+    shutil.rmtree(state / "jvm-tmp", ignore_errors=True)
     return True
 
 
