@@ -9,8 +9,16 @@ Usage::
     SELECT q.sop_instance_uid AS query, n.*
     FROM dicom.instances q, LATERAL image_knn(query => q.sop_instance_uid, k => 3) n
 
+    SELECT * FROM image_knn(query_image => X'89504E470D0A1A0A...', k => 10)
+
+    SELECT u.name, n.* FROM my_uploads u, LATERAL image_knn(query_image => u.bytes, k => 3) n
+
 ``query`` is a SOPInstanceUID (digits and dots), an embedding (``array<float>``) or, for
-admins only, an image path (``<archive>!/<member>`` or a file). Output: ``rank,
+admins only, an image path (``<archive>!/<member>`` or a file). ``query_image`` (instead of
+``query``, every role) is an image that need not be in the lake, as ``binary``: DICOM, PNG or
+JPEG bytes, at most :data:`MAX_QUERY_IMAGE_BYTES`. They are decoded and embedded in the
+worker's memory exactly as lake images are, and never written anywhere; messages about them
+give their size and first bytes, nothing more. Output: ``rank,
 sop_instance_uid, frame, distance`` (L2), nearest first. The search runs in the Python worker:
 the codebook, codes (from the configured store), exact vectors for ``refine`` and filter
 columns are loaded once per worker and re-loaded only when their table (or HBase generation)
@@ -43,6 +51,9 @@ from dicomlake.udfs.search import refine as refine_rows
 from dicomlake.udfs.settings import SimilaritySettings
 
 KNN_DDL = "rank int, sop_instance_uid string, frame int, distance double"
+MAX_QUERY_IMAGE_BYTES = 32 << 20
+"""Largest ``query_image`` accepted (a 512x512 CT is about 0.5 MiB; a large colour
+photograph a few MiB); larger values are refused before anything is decoded."""
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -197,30 +208,54 @@ class Searcher:
                 f"image_knn: query must be a sop_instance_uid of {self.scope.schema}.instances "
                 "or an array<float> embedding; image files are only for admins")
         from dicomlake.udfs.errors import PixelError
-        from dicomlake.udfs.model import backend_of, embedder_for
         from dicomlake.udfs.pixels import model_inputs
 
         try:
             images = model_inputs(text)
         except PixelError as exc:
             raise KnnError(f"image_knn: query image cannot be used: {exc}") from exc
+        return self._embed_frame(images, frame, f"query image {text}")
+
+    def image_vector(self, data: bytes, frame: int) -> np.ndarray:
+        """The embedding of an image given as bytes (``query_image``), made in memory."""
+        from dicomlake.udfs.errors import PixelError
+        from dicomlake.udfs.pixels import query_image_inputs
+
+        if len(data) > MAX_QUERY_IMAGE_BYTES:
+            raise KnnError(f"image_knn: query_image is {len(data)} bytes; at most "
+                           f"{MAX_QUERY_IMAGE_BYTES} ({MAX_QUERY_IMAGE_BYTES >> 20} MiB) are "
+                           "accepted")
+        try:
+            images = query_image_inputs(data, "query_image")
+        except PixelError as exc:
+            raise KnnError(f"image_knn: {exc} ({len(data)} bytes)") from exc
+        return self._embed_frame(images, frame, f"query_image ({len(data)} bytes)")
+
+    def _embed_frame(self, images: np.ndarray, frame: int, what: str) -> np.ndarray:
+        """One frame of a decoded query image through the codebook's model."""
+        from dicomlake.udfs.model import backend_of, embedder_for
+
+        assert self.book is not None
         if not 0 <= frame < len(images):
-            raise KnnError(f"image_knn: query image {text} has {len(images)} frame(s); "
-                           f"frame {frame} does not exist")
+            raise KnnError(f"image_knn: {what} has {len(images)} frame(s); frame {frame} "
+                           "does not exist")
         # the codebook's model, not the configured backend: codes and query must match
         embedder = embedder_for(backend_of(self.book.model_id), device=self.similarity.device)
         vec = embedder.embed(images[frame:frame + 1])
-        return self.book.check_vectors(vec, "image_knn query image")[0]
+        return self.book.check_vectors(vec, f"image_knn {what}")[0]
 
     def search(self, query: Any, k: int, *, nprobe: int | None = None,
                refine: int | None = None, filter_text: str | None = None, frame: int = 0,
-               refresh: bool = True) -> list[tuple[int, str, int, float]]:
-        """Ranked (rank, sop_instance_uid, frame, distance) rows (``refresh=False``: the
-        caller refreshed already, e.g. once for a whole query task)."""
+               refresh: bool = True, image: bytes | None = None
+               ) -> list[tuple[int, str, int, float]]:
+        """Ranked (rank, sop_instance_uid, frame, distance) rows for ``query`` or, when it is
+        None, the image bytes ``image`` (``refresh=False``: the caller refreshed already,
+        e.g. once for a whole query task)."""
         if refresh or self.index is None:
             self.refresh()
         assert self.index is not None
-        vec = self.query_vector(query, frame)
+        vec = self.image_vector(image, frame) if image is not None and query is None \
+            else self.query_vector(query, frame)
         nprobe = self.similarity.nprobe if nprobe is None else nprobe
         refine = self.similarity.refine if refine is None else refine
         if nprobe <= 0 or refine < 0:
@@ -263,14 +298,19 @@ def make_udtf(warehouse: str, similarity: SimilaritySettings,
         def __init__(self) -> None:
             self._searcher: Searcher | None = None
 
-        def eval(self, query: Any, k: int = 10, nprobe: int | None = None,
+        def eval(self, query: Any = None, k: int = 10, nprobe: int | None = None,
                  refine: int | None = None, filter: str | None = None,
-                 frame: int = 0) -> Iterator[tuple[int, str, int, float]]:
+                 frame: int = 0, query_image: Any = None
+                 ) -> Iterator[tuple[int, str, int, float]]:
             if k is None or int(k) <= 0:
                 raise KnnError(f"image_knn: k must be a positive integer, got {k}")
-            if query is None:
+            image = _image_bytes(query_image)
+            if query is not None and image is not None:
+                raise KnnError("image_knn: pass either query or query_image, not both")
+            if query is None and image is None:
                 raise KnnError("image_knn: query is NULL; pass a SOPInstanceUID, an image "
-                               "path or an embedding")
+                               "path or an embedding as query, or image bytes as "
+                               "query_image")
             if filter is not None and not isinstance(filter, str):  # e.g. TABLE(...) rows
                 raise KnnError("image_knn: filter must be a SQL predicate string such as "
                                "\"modality = 'CT'\"")
@@ -280,6 +320,16 @@ def make_udtf(warehouse: str, similarity: SimilaritySettings,
                 self._searcher = found
             yield from self._searcher.search(
                 query, int(k), nprobe=nprobe, refine=refine, filter_text=filter,
-                frame=int(frame or 0), refresh=False)
+                frame=int(frame or 0), refresh=False, image=image)
 
     return ImageKnn
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    """``query_image`` as bytes (Spark hands ``binary`` to Python as ``bytearray``)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise KnnError(f"image_knn: query_image must be binary (DICOM, PNG or JPEG bytes: an "
+                   f"X'...' literal or a binary column), got a {type(value).__name__}")

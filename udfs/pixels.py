@@ -195,6 +195,84 @@ def frame_inputs(data: bytes, path: str, *, thumbnail_size: int = 128,
     return out
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+MAX_PICTURE_PIXELS = 1 << 26
+"""Largest PNG/JPEG (width x height) decoded for a query; a bigger one is refused before
+its pixels are unpacked (a small compressed file can claim a huge picture)."""
+_IDENTITY_WINDOW = (127.5, 255.0)
+"""The window that maps 0..255 onto itself in :func:`to_uint8`: 8-bit pictures already hold
+display values (a lake image exported as PNG is exactly the windowed frame the model saw)."""
+
+
+def image_kind(data: bytes) -> str | None:
+    """``dicom``, ``png`` or ``jpeg`` from the first bytes; None for anything else.
+
+    What counts as DICOM is the ingest's own rule (:func:`dicomlake.catalog.preflight.sniff`:
+    the ``DICM`` preamble or a plausible first element), so a query image is DICOM exactly
+    when a file with those bytes would be ingested as one.
+    """
+    from dicomlake.catalog.preflight import SNIFF_BYTES, Content, sniff
+
+    if data.startswith(PNG_SIGNATURE):
+        return "png"
+    if data.startswith(JPEG_SIGNATURE):
+        return "jpeg"
+    if sniff(data[:SNIFF_BYTES]) in (Content.DICOM, Content.DICOM_RAW):
+        return "dicom"
+    return None
+
+
+def _picture_frames(data: bytes, what: str, kind: str) -> Frames:
+    """A PNG or JPEG as one frame: gray or RGB, 8-bit values kept as they are (the identity
+    window), 16-bit gray windowed by its percentiles as MR and CR frames without a window."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > MAX_PICTURE_PIXELS:
+            raise PixelError(PixelErrorKind.UNDECODABLE,
+                             f"{what}: {kind.upper()} of {width}x{height} pixels is larger "
+                             f"than the {MAX_PICTURE_PIXELS} pixels a query image may have")
+        img.load()
+    except PixelError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise PixelError(PixelErrorKind.UNDECODABLE,
+                         f"{what}: not readable as {kind.upper()}: {exc}") from exc
+    if min(img.size) < 2:
+        raise PixelError(PixelErrorKind.TOO_SMALL, f"{what}: image is {img.height}x"
+                                                   f"{img.width}; at least 2x2 pixels are needed")
+    window: tuple[float, float] | None = _IDENTITY_WINDOW
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        window = None
+    elif img.mode in ("1", "L", "LA"):
+        arr = np.asarray(img.convert("L"))
+    else:  # RGB, RGBA, P, CMYK, YCbCr...: the colours as shown
+        arr = np.asarray(img.convert("RGB"))
+    color = arr.ndim == 3
+    return Frames(arr[np.newaxis], color, "OT", None if color else window, False)
+
+
+def query_image_inputs(data: bytes, what: str = "query_image") -> np.ndarray:
+    """Every frame of an image given as bytes (DICOM, PNG or JPEG), ready for the model:
+    (frames, 224, 224, 3) uint8, through the same windowing and resizing as lake images.
+
+    Raises:
+        PixelError: the bytes are none of the three (naming their first bytes), or they
+            cannot be decoded; messages name ``what``, never the bytes themselves.
+    """
+    kind = image_kind(data)
+    if kind is None:
+        raise PixelError(PixelErrorKind.UNDECODABLE,
+                         f"{what} is neither DICOM, PNG nor JPEG: starts with "
+                         f"{data[:8].hex(' ') or 'nothing (0 bytes)'}")
+    frames = load_frames(data, what) if kind == "dicom" else _picture_frames(data, what, kind)
+    return np.stack([resize(to_uint8(f, frames)) for f in frames.data])
+
+
 def model_inputs(path: str, data: bytes | None = None,
                  window: tuple[float, float] | None = None) -> np.ndarray:
     """All frames of an instance ready for the model: (frames, 224, 224, 3) uint8."""
