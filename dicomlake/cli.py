@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "dicomlake.sql.commands",
     "dicomlake.extension.commands",
     "dicomlake.streaming.commands",
+    "dicomlake.dicomnet.commands",
 )
 """Modules exposing ``COMMANDS``: a list of click commands/groups added to ``dicomlake``."""
 
