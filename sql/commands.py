@@ -127,6 +127,8 @@ def serve(host: str, port: int | None, tls: str | None, tls_cert: Path | None,
         _echo_certificate(certificate, config.tls_cert)
     click.echo(f"dicomlake SQL listening on {server.url} (catalog dicomlake)", err=False)
     _echo_connection_strings(server.public_url, users[0].name, config.tls_cert)
+    click.echo(f"DICOMweb (QIDO-RS, WADO-RS, STOW-RS) at {server.public_url}/dicomweb "
+               "(same users; HTTP Basic)")
     sys.stdout.flush()
     stop.wait()
     click.echo("shutting down: cancelling queries, flushing the audit log", err=True)

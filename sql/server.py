@@ -9,6 +9,9 @@ calls Spark (Kyuubi's ``StatementResource`` habit). Endpoints:
 * ``GET /v1/statement/executing/{id}/{slug}/{token}`` - the next page.
 * ``DELETE`` on the same URI (or ``/v1/query/{id}``) - cancel; answers 204.
 * ``GET /v1/query/{id}`` - query info; ``GET /v1/info`` and ``/v1/info/state`` - liveness.
+* ``/dicomweb/...`` - DICOMweb (QIDO-RS, WADO-RS, STOW-RS) for viewers and PACS, answered by
+  :class:`dicomlake.dicomnet.web.DicomWeb` after the same authentication; every request is
+  audited (``event = 'dicomweb'``), refusals as ``request_refused``.
 
 Plain HTTP is accepted only on a loopback address; any other bind address needs TLS.
 Every refused request is audited (user claimed, client address, status); failed logins back
@@ -66,6 +69,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     max_statement_bytes: int = 1 << 20
     """Longest statement accepted (and audited whole); longer ones are refused with 413."""
+    max_store_bytes: int = 512 << 20
+    """Largest STOW-RS request body (the browser upload's limit, too)."""
     public_url: str | None = None
     """The URL clients reach the server by (behind a proxy, say); default: the bound
     address. ``nextUri`` and ``infoUri`` start with it."""
@@ -227,7 +232,63 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
 
     # -- routes -----------------------------------------------------------------------------
 
+    def do_OPTIONS(self) -> None:
+        """CORS preflight for DICOMweb (browsers send it without credentials)."""
+        from dicomlake.dicomnet.web import CORS_HEADERS, PREFIX
+
+        path = self.path.split("?", 1)[0]
+        if path == PREFIX or path.startswith(PREFIX + "/"):
+            self._send(204, headers=CORS_HEADERS)
+            return
+        self._error(404, f"No such endpoint: OPTIONS {path}", user=self._claimed_user())
+
+    def _dicomweb(self) -> bool:
+        """Serve a DICOMweb request (True), or leave the request to the SQL routes (False)."""
+        from dicomlake.dicomnet.web import CORS_HEADERS, PREFIX, Request, parse_query
+
+        path, _, query = self.path.partition("?")
+        if path != PREFIX and not path.startswith(PREFIX + "/"):
+            return False
+        principal = self._principal()
+        if principal is None:
+            if self.command == "POST":
+                self._discard_body()
+            return True
+        app = self.server.app
+        body = b""
+        if self.command == "POST":
+            try:
+                length = int(self.headers.get("Content-Length") or "")
+            except ValueError:
+                self._error(411, "Content-Length (a byte count) is required to store "
+                                 "instances", user=principal.name)
+                self.close_connection = True
+                return True
+            if length > app.config.max_store_bytes:
+                self._error(413, f"Store request is {length} bytes; the limit is "
+                                 f"{app.config.max_store_bytes}", user=principal.name)
+                self.close_connection = True
+                return True
+            body = self.rfile.read(length)
+        started = dt.datetime.now(dt.UTC)
+        response = app.dicomweb.handle(Request(
+            self.command, path[len(PREFIX):], parse_query(query), self.headers,  # type: ignore[arg-type]
+            body, principal, f"{self._base_url()}{PREFIX}"))
+        headers = [*CORS_HEADERS, *response.headers]
+        if response.status >= 400:
+            app.audit_refusal(response.status, json.loads(response.body)["message"],
+                              user=principal.name, event="request_refused",
+                              address=self.client_address[0], path=self._path())
+        else:
+            app.audit_dicomweb(principal, self.command, self.path, response.status,
+                               response.items, started, self.client_address[0])
+        self._send(response.status, response.body, headers=headers,
+                   content_type=response.content_type)
+        return True
+
     def do_GET(self) -> None:
+        if self._dicomweb():
+            return
         path = self.path.split("?", 1)[0]
         app = self.server.app
         if path == "/v1/info":
@@ -248,6 +309,8 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
         self._error(404, f"No such endpoint: GET {path}", user=self._claimed_user())
 
     def do_POST(self) -> None:
+        if self._dicomweb():
+            return
         path = self.path.split("?", 1)[0]
         if path != "/v1/statement":
             self._error(404, f"No such endpoint: POST {path}", user=self._claimed_user())
@@ -417,6 +480,9 @@ class SqlServer:
             context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
             http.socket = context.wrap_socket(http.socket, server_side=True,
                                               do_handshake_on_connect=False)
+        from dicomlake.dicomnet.web import DicomWeb
+
+        self.dicomweb = DicomWeb(self.settings)
         http.app = self
         self._http = http
         self.started = time.monotonic()
@@ -468,12 +534,27 @@ class SqlServer:
             error_message=f"{reason} ({path})" if path else reason, client_address=address,
             source=None, http_status=status))
 
+    def audit_dicomweb(self, principal: Principal, method: str, target: str, status: int,
+                       items: int, started: dt.datetime, address: str | None) -> None:
+        """Record an answered DICOMweb request (``rows``: datasets, instances or frames)."""
+        if not hasattr(self, "audit"):
+            return
+        now = dt.datetime.now(dt.UTC)
+        self.audit.append(AuditRecord(
+            event="dicomweb", user=principal.name, role=principal.role.value, query_id=None,
+            sql=f"{method} {target[:2000]}", state="FINISHED", rows=items, started_at=started,
+            finished_at=now, duration_ms=int((now - started).total_seconds() * 1000),
+            error_name=None, error_message=None, client_address=address, source="dicomweb",
+            http_status=status))
+
     def shutdown(self, *, stop_spark: bool = True) -> None:
         """Stop listening, cancel running queries, flush the audit log, stop Spark."""
         if self._http is not None:
             if self._serving:  # shutdown() waits for serve_forever, which may never have run
                 self._http.shutdown()
             self._http.server_close()
+        if hasattr(self, "dicomweb"):
+            self.dicomweb.close()
         if hasattr(self, "manager"):
             self.manager.shutdown()
         if hasattr(self, "catalog"):
