@@ -16,6 +16,20 @@ hypothesis_settings.register_profile("ci", max_examples=300)
 hypothesis_settings.register_profile("deep", max_examples=5000)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+LEFT_OUT_EXTRAS = frozenset(filter(None, os.environ.get("DICOMLAKE_TESTS_WITHOUT", "").split(",")))
+"""Extras this interpreter's venv leaves out on purpose (`make test-second` names them). Only
+tests marked ``extra(name)`` for those are skipped, by name; anywhere else a missing extra
+fails the tests that need it, so the main suite can never skip one quietly."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers("extra"):
+            if mark.args[0] in LEFT_OUT_EXTRAS:
+                item.add_marker(pytest.mark.skip(
+                    reason=f"the [{mark.args[0]}] extra is left out of this venv "
+                           "(DICOMLAKE_TESTS_WITHOUT); the main suite tests it"))
+
 
 @pytest.fixture(scope="session")
 def lake_home(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -23,12 +23,14 @@ def _writer(home, backend: str) -> LakeWriter:
     return LakeWriter(str(home), str(settings.warehouse_path), StreamSettings(), epoch="t")
 
 
-@pytest.mark.parametrize("backend", ["onnx", "tensorflow"])
+@pytest.mark.parametrize("backend", ["onnx", pytest.param("tensorflow",
+                                                           marks=pytest.mark.extra("tensorflow"))])
 def test_the_writer_embeds_with_the_configured_backend(tmp_path, backend):
     writer = _writer(tmp_path / "home", backend)
     assert writer.model.info == model_info(backend)
 
 
+@pytest.mark.extra("tensorflow")
 def test_a_codebook_of_another_backend_stops_the_stream_with_what_to_run(tmp_path):
     writer = _writer(tmp_path / "home", "tensorflow")
     onnx = model_info("onnx")

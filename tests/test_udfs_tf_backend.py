@@ -24,6 +24,8 @@ from dicomlake.udfs import ModelBackend, load_similarity, model, pq, vgg16
 from dicomlake.udfs.errors import CodebookError, EmbeddingError
 from dicomlake.udfs.pixels import model_inputs
 
+pytestmark = pytest.mark.extra("tensorflow")
+
 SOURCES = ("CT_small.dcm", "693_UNCI.dcm")
 """CT images whose augmented copies must find them."""
 UNRELATED = ("MR_small.dcm", "MR2_UNCR.dcm", "emri_small.dcm")
