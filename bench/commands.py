@@ -136,6 +136,16 @@ def serve_cmd(queries: int, rows: int, as_json: bool) -> None:
     emit(serve_bench.run(queries=queries, rows=rows), as_json)
 
 
+@bench.command("dicomweb")
+@click.option("--instances", default=2000, show_default=True, help="Instances in the lake.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def dicomweb_cmd(instances: int, as_json: bool) -> None:
+    """QIDO-RS search p50 and WADO-RS frames/s over pydicom reading the same files."""
+    from dicomlake.bench import dicomweb as dicomweb_bench
+
+    emit(dicomweb_bench.run(instances=instances), as_json)
+
+
 @bench.command("stream")
 @click.option("--images", default=100, show_default=True,
               help="Images uploaded one by one for the freshness figures.")
