@@ -21,6 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -85,8 +86,10 @@ class Frames:
     parts: list[bytes]
 
 
+@lru_cache(maxsize=256)
 def choose_frame_syntax(accept: str | None, stored: str) -> tuple[str, str]:
-    """(transfer syntax, part media type) for frames, from the request's Accept header.
+    """(transfer syntax, part media type) for frames, from the request's Accept header
+    (cached: a viewer sends the same header with every frame request).
 
     Raises:
         NotAcceptable: the client accepts only syntaxes other than the stored one and
