@@ -191,12 +191,42 @@ def instance_sql(sop_uid: str) -> str:
 
 def similar_sql(sop_uid: str, k: int) -> str:
     """The ``k`` images nearest to one image, nearest first (``image_knn``)."""
+    return _neighbours_select(f"image_knn(query => {literal(sop_uid)}, k => {k})")
+
+
+def _neighbours_select(source: str) -> str:
+    """Neighbours from ``source`` (an ``image_knn`` call) with what the grid shows."""
     return ("SELECT n.rank, n.distance, i.sop_instance_uid, i.modality,\n"
             "       i.body_part_examined, i.series_description, i.instance_number,\n"
             "       dicom_thumbnail(i.path) AS thumbnail\n"
-            f"FROM image_knn(query => {literal(sop_uid)}, k => {k}) n\n"
+            f"FROM {source} n\n"
             "JOIN dicom.instances i ON i.sop_instance_uid = n.sop_instance_uid\n"
             "ORDER BY n.distance, n.rank")
+
+
+@dataclass(frozen=True)
+class ImageSearch:
+    """A search by an image that is not in the lake: the statement sent to the endpoint
+    (the image inline as an ``X'...'`` literal) and the same statement as the browser shows
+    and logs it, with the literal cut to its first bytes and labelled with size and SHA-256
+    (the image is the user's, and may be large; it is never stored)."""
+
+    sql: str
+    shown: str
+    size: int
+    sha256: str
+
+
+def image_search_sql(data: bytes, k: int, label: str) -> ImageSearch:
+    """The ``k`` lake images nearest to the image ``data`` (``label`` says what it is)."""
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    call = "image_knn(query_image => X'{}', k => " + str(k) + ")"
+    shown = _neighbours_select(call.format(data[:8].hex().upper() + "...")) + (
+        f"\n-- query_image: {label}, {len(data)} bytes, sha256 {digest}")
+    return ImageSearch(sql=_neighbours_select(call.format(data.hex().upper())), shown=shown,
+                       size=len(data), sha256=digest)
 
 
 def neighbours_arg(doc: dict[str, object]) -> int:

@@ -14,13 +14,18 @@ Routes:
 * ``GET completions`` - tables and columns for the editor's completion
 * ``POST queries`` / ``GET queries/{id}?offset=&limit=&wait=`` / ``DELETE queries/{id}``
 * ``POST browse/{action}`` - the dataset browser's statements
+* ``POST image-search`` (multipart ``image``, field ``k``) - neighbours of an image that is
+  not in the lake, by ``image_knn(query_image => X'...')``; the image is held in memory for
+  the one statement and never saved (uploading it is the separate ``uploads`` route)
 * ``POST uploads`` (multipart ``files``) / ``GET uploads/{id}``: the upload stream when its
   job runs, else batch ingest + embed (``path`` in the reply)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,9 @@ from dicomlake.extension.upload import UploadError, UploadManager
 NAMESPACE = "dicomlake"
 """URL prefix of every route (after the server's base URL)."""
 MAX_STATEMENT_CHARS = 1 << 20
+ENDPOINT_STATEMENT_BYTES = 1 << 20
+"""Longest statement ``dicomlake serve`` accepts by default (its ``max_statement_bytes``):
+an image searched for travels inside one, as hex (two characters a byte)."""
 
 
 @dataclass
@@ -291,6 +299,74 @@ _BROWSE_ACTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+class ImageSearchHandler(BaseHandler):
+    """Neighbours of an image the user picked (DICOM, PNG or JPEG), which is not in the lake.
+
+    The image reaches the endpoint inline in one statement, run as the user's SQL user like
+    every browser action; it is kept in this request's memory only. The reply is the browse
+    reply (records with thumbnails) with the statement as the browser shows it (the image
+    literal shortened to its first bytes, with size and SHA-256) and ``queryImage``: what
+    was sent.
+    """
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        files = self.request.files.get("image", [])
+        if len(files) != 1:
+            raise tornado.web.HTTPError(400, "send exactly one image (DICOM, PNG or JPEG) as "
+                                             "the multipart field 'image'")
+        name, data = files[0]["filename"], bytes(files[0]["body"])
+        k_text = self.get_body_argument("k", None)
+
+        async def work() -> None:
+            k = browse_sql.neighbours_arg({"k": k_text})
+            client = self.sql_client()
+            search, sent = await asyncio.to_thread(_image_search, data, name, k)
+            result = await client.execute(search.sql, max_rows=browse_sql.MAX_PAGE + 1)
+            result.sql = search.shown
+            doc = _result_doc(result)
+            doc["queryImage"] = {"name": _label(name), "bytes": len(data),
+                                 "sha256": search.sha256, "sent": sent}
+            self.reply(doc)
+
+        await self.guarded(work)
+
+
+def _label(name: str) -> str:
+    """A file name fit to show in a SQL comment (one line, no control characters)."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", name).strip()[:80] or "image"
+
+
+def _image_search(data: bytes, name: str, k: int) -> tuple[browse_sql.ImageSearch, str]:
+    """The statement for a search by ``data``, and what it sends (``as uploaded``, or, for a
+    DICOM file whose statement would be longer than the endpoint takes, ``frame 0 as PNG``:
+    the 8-bit frame the model's input is made from, which the search reads back to exactly
+    the same model input)."""
+    from dicomlake.udfs.errors import PixelError
+    from dicomlake.udfs.knn import MAX_QUERY_IMAGE_BYTES
+    from dicomlake.udfs.pixels import image_kind, windowed_png
+
+    label = _label(name)
+    if len(data) > MAX_QUERY_IMAGE_BYTES:
+        raise BrowseInputError(f"{label} is {len(data)} bytes; a query image may have at "
+                               f"most {MAX_QUERY_IMAGE_BYTES}")
+    search = browse_sql.image_search_sql(data, k, label)
+    if len(search.sql) <= ENDPOINT_STATEMENT_BYTES:
+        return search, "as uploaded"
+    if image_kind(data) == "dicom":
+        try:
+            png = windowed_png(data, label)
+        except PixelError as exc:
+            raise BrowseInputError(str(exc)) from exc
+        search = browse_sql.image_search_sql(png, k, f"{label}, frame 0 as PNG")
+        if len(search.sql) <= ENDPOINT_STATEMENT_BYTES:
+            return search, "frame 0 as PNG"
+    raise BrowseInputError(
+        f"{label} is {len(data)} bytes; sent inline it makes a statement longer than the "
+        f"{ENDPOINT_STATEMENT_BYTES} bytes the SQL endpoint accepts (PNG and JPEG images up "
+        "to about 500 KiB fit; larger DICOM files are sent as their first frame)")
+
+
 class UploadsHandler(BaseHandler):
     """Accept DICOM files or archives and send them into the lake: through the upload
     stream when its job runs, else the batch fallback; the reply's ``path`` says which."""
@@ -356,6 +432,7 @@ def setup_handlers(web_app: tornado.web.Application, home: Path) -> ExtensionSta
         (url_path_join(base, "queries"), QueriesHandler),
         (url_path_join(base, "queries", uid), QueryHandler),
         (url_path_join(base, "browse", r"([a-z-]+)"), BrowseHandler),
+        (url_path_join(base, "image-search"), ImageSearchHandler),
         (url_path_join(base, "uploads"), UploadsHandler),
         (url_path_join(base, "uploads", r"([0-9T]+-[0-9a-f]{8})"), UploadHandler),
     ])

@@ -273,6 +273,24 @@ def query_image_inputs(data: bytes, what: str = "query_image") -> np.ndarray:
     return np.stack([resize(to_uint8(f, frames)) for f in frames.data])
 
 
+def windowed_png(data: bytes, what: str = "query image", *, frame: int = 0) -> bytes:
+    """One frame of DICOM bytes as the 8-bit PNG the model's input is resized from.
+
+    :func:`query_image_inputs` reads such a PNG with the identity window, so its model input
+    is exactly the DICOM frame's: a client whose channel limits the size of what it sends
+    (the SQL endpoint's statement length) can send this PNG instead of a large DICOM file.
+    """
+    from PIL import Image
+
+    frames = load_frames(data, what)
+    if not 0 <= frame < frames.count:
+        raise PixelError(PixelErrorKind.NO_PIXELS,
+                         f"{what}: frame {frame} does not exist (the image has {frames.count})")
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(frames.data[frame], frames)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def model_inputs(path: str, data: bytes | None = None,
                  window: tuple[float, float] | None = None) -> np.ndarray:
     """All frames of an instance ready for the model: (frames, 224, 224, 3) uint8."""

@@ -6,6 +6,7 @@ import {
   IBrowseResult,
   IDicomlakeClient,
   IFilters,
+  IImageSearchResult,
   IUploadJob,
   IUploadSummary
 } from './tokens';
@@ -121,11 +122,22 @@ export class DatasetBrowser extends Widget {
     this._fileInput.addEventListener('change', () => void this.upload(Array.from(this._fileInput.files ?? [])));
     const upload = h('button', { className: 'jp-DicomlakeBrowser-upload jp-mod-styled', text: '⤒ Upload', title: 'Add DICOM files or ZIP archives to the lake' });
     upload.addEventListener('click', () => this._fileInput.click());
+    this._imageInput = h('input', { className: 'jp-DicomlakeBrowser-imageFile', attrs: { type: 'file', accept: '.dcm,.dicom,.png,.jpg,.jpeg,application/dicom,image/png,image/jpeg' } });
+    this._imageInput.hidden = true;
+    this._imageInput.addEventListener('change', () => {
+      const file = this._imageInput.files?.[0];
+      this._imageInput.value = '';
+      if (file) {
+        void this.searchByImage(file);
+      }
+    });
+    const byImage = h('button', { className: 'jp-DicomlakeBrowser-searchByImage jp-mod-styled', text: '⌕ Search by image', title: 'Find the lake images most similar to a DICOM, PNG or JPEG file of yours (the file is not added to the lake; use Upload for that)' });
+    byImage.addEventListener('click', () => this._imageInput.click());
 
     const toolbar = h('div', { className: 'jp-DicomlakeBrowser-toolbar' },
       this._modality, this._bodyPart,
       h('label', { text: 'from ' }, this._dateFrom), h('label', { text: 'to ' }, this._dateTo),
-      this._text, apply, upload, this._fileInput);
+      this._text, apply, byImage, this._imageInput, upload, this._fileInput);
 
     this._message = h('div', { className: 'jp-DicomlakeBrowser-message' });
     this._studies = h('div', { className: 'jp-DicomlakeBrowser-studies' });
@@ -315,12 +327,33 @@ export class DatasetBrowser extends Widget {
   async findSimilar(sopUid: string): Promise<void> {
     this._similar.replaceChildren(h('p', { text: 'searching…' }));
     const result = await this._run<INeighbourRecord>('find similar (image_knn)', 'similar', { sop: sopUid, k: NEIGHBOURS });
+    this._showNeighbours(result, `${result?.records.length ?? 0} most similar images, nearest first`);
+  }
+
+  /**
+   * Neighbours of an image that is not in the lake (a file the user picked), shown as
+   * "find similar" shows them. The file goes to the server for this one statement only;
+   * adding it to the lake is the separate Upload.
+   */
+  async searchByImage(file: File): Promise<void> {
+    this._detail.replaceChildren(h('p', { className: 'jp-DicomlakeBrowser-queryImage', text: `query image: ${file.name} (${file.size} bytes, not stored)` }));
+    this._similar.replaceChildren(h('p', { text: 'searching…' }));
+    const result = await this._runWith<INeighbourRecord, IImageSearchResult<INeighbourRecord>>('search by image (image_knn query_image)', () => this._client.searchByImage<INeighbourRecord>(file, NEIGHBOURS));
+    if (result) {
+      const sent = result.queryImage;
+      this._detail.replaceChildren(h('p', { className: 'jp-DicomlakeBrowser-queryImage', attrs: { 'data-sha256': sent.sha256 }, text: `query image: ${sent.name} (${sent.bytes} bytes, sha256 ${sent.sha256.slice(0, 12)}…, sent ${sent.sent}; not stored)` }));
+    }
+    this._showNeighbours(result, `${result?.records.length ?? 0} lake images most similar to ${file.name}, nearest first`);
+  }
+
+  /** A neighbour grid (rank, distance, thumbnail; a click opens the image). */
+  private _showNeighbours(result: IBrowseResult<INeighbourRecord> | null, heading: string): void {
     if (!result) {
       this._similar.replaceChildren();
       return;
     }
     this._similar.replaceChildren(
-      h('h4', { text: `${result.records.length} most similar images, nearest first` }),
+      h('h4', { text: heading }),
       h('div', { className: 'jp-DicomlakeBrowser-grid jp-DicomlakeBrowser-neighbours' },
         ...result.records.map(n => {
           const card = h('div', { className: 'jp-DicomlakeBrowser-card jp-DicomlakeBrowser-neighbour', attrs: { 'data-uid': n.sop_instance_uid, 'data-rank': String(n.rank), 'data-distance': String(n.distance) }, title: n.sop_instance_uid },
@@ -392,11 +425,16 @@ export class DatasetBrowser extends Widget {
   }
 
   /** Run one browse action: log its SQL, show its error if it failed. */
-  private async _run<R>(label: string, action: string, body: { [key: string]: unknown }): Promise<IBrowseResult<R> | null> {
+  private _run<R>(label: string, action: string, body: { [key: string]: unknown }): Promise<IBrowseResult<R> | null> {
+    return this._runWith<R, IBrowseResult<R>>(label, () => this._client.browse<R>(action, body));
+  }
+
+  /** Run one statement-backed call: log its SQL, show its error if it failed. */
+  private async _runWith<R, T extends IBrowseResult<R>>(label: string, call: () => Promise<T>): Promise<T | null> {
     this._say('');
-    let result: IBrowseResult<R>;
+    let result: T;
     try {
-      result = await this._client.browse<R>(action, body);
+      result = await call();
     } catch (error) {
       this._say(`${label}: ${errorMessage(error)}`, true);
       return null;
@@ -436,6 +474,7 @@ export class DatasetBrowser extends Widget {
   private _dateTo: HTMLInputElement;
   private _text: HTMLInputElement;
   private _fileInput: HTMLInputElement;
+  private _imageInput: HTMLInputElement;
   private _message: HTMLDivElement;
   private _studies: HTMLDivElement;
   private _series: HTMLDivElement;

@@ -7,6 +7,7 @@ import {
   ICatalogLevel,
   ICompletions,
   IDicomlakeClient,
+  IImageSearchResult,
   IQueryPage,
   IStatus,
   IUploadJob
@@ -55,6 +56,13 @@ export class DicomlakeClient implements IDicomlakeClient {
     body: { [key: string]: unknown }
   ): Promise<IBrowseResult<R>> {
     return requestAPI<IBrowseResult<R>>(`browse/${action}`, json(body));
+  }
+
+  searchByImage<R = IBrowseRecord>(image: File, k: number): Promise<IImageSearchResult<R>> {
+    const form = new FormData();
+    form.append('image', image, image.name);
+    form.append('k', String(k));
+    return requestAPI<IImageSearchResult<R>>('image-search', { method: 'POST', body: form });
   }
 
   upload(files: File[]): Promise<IUploadJob> {

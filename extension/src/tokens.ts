@@ -75,6 +75,20 @@ export interface IBrowseResult<R = IBrowseRecord> {
   truncated: boolean;
 }
 
+/** What a search by image sent (`ImageSearchHandler`): the image itself is never kept. */
+export interface IQueryImage {
+  name: string;
+  bytes: number;
+  sha256: string;
+  /** `as uploaded`, or `frame 0 as PNG` for a DICOM file too large for one statement. */
+  sent: string;
+}
+
+/** The neighbours of an image that is not in the lake. */
+export interface IImageSearchResult<R = IBrowseRecord> extends IBrowseResult<R> {
+  queryImage: IQueryImage;
+}
+
 /** Filters of the dataset browser. */
 export interface IFilters {
   modality?: string;
@@ -136,6 +150,7 @@ export interface IDicomlakeClient {
     action: string,
     body: { [key: string]: unknown }
   ): Promise<IBrowseResult<R>>;
+  searchByImage<R = IBrowseRecord>(image: File, k: number): Promise<IImageSearchResult<R>>;
   upload(files: File[]): Promise<IUploadJob>;
   uploadStatus(id: string): Promise<IUploadJob>;
 }
