@@ -31,6 +31,7 @@ from dicomlake.udfs.pixels import (
     query_image_inputs,
     read_bytes,
     to_uint8,
+    windowed_png,
 )
 from dicomlake.udfs.settings import SimilaritySettings
 
@@ -66,6 +67,16 @@ def test_png_of_the_windowed_frame_is_exactly_the_dicom_model_input():
     png = _encoded(_windowed(path), "PNG")
     assert np.array_equal(query_image_inputs(png), model_inputs(path))
     assert np.array_equal(query_image_inputs(read_bytes(path)), model_inputs(path))
+
+
+def test_windowed_png_of_a_multiframe_dicom_keeps_each_frames_model_input():
+    path = str(find_template("emri_small.dcm"))
+    data = read_bytes(path)
+    for frame in (0, 3):
+        assert np.array_equal(query_image_inputs(windowed_png(data, frame=frame))[0],
+                              model_inputs(path)[frame])
+    with pytest.raises(PixelError, match=r"frame 99 does not exist \(the image has 10\)"):
+        windowed_png(data, frame=99)
 
 
 def test_colour_sixteen_bit_and_tiny_pictures():
