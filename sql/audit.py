@@ -1,7 +1,9 @@
 """The audit log: every statement, every refused request and every failed login, in the
 Delta table ``system.audit_log`` (admins query it like any table).
 
-A statement is stored whole (with the prepared statements its request carried); statements
+A statement is stored whole (with the prepared statements its request carried), except the
+bytes of long binary literals (``image_knn(query_image => X'...')``: a user's own image must
+leave no trace beyond its size and hash, :func:`redact_binary_literals`); statements
 longer than the server's ``max_statement_bytes`` (1 MiB by default) are refused before they
 run, and the refusal is recorded with its size. Refused requests (HTTP 400, 401, 403, 404,
 411, 413, 429, 431) are rows with ``event = 'request_refused'`` or ``'login_failed'``, the
@@ -16,9 +18,11 @@ earlier statements, and at shutdown, so nothing acknowledged is lost on a clean 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +32,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUDIT_SCHEMA_NAME, AUDIT_TABLE_NAME = "system", "audit_log"
+
+_BINARY_LITERAL = re.compile(r"[Xx]'((?:[0-9A-Fa-f]\s*){64,})'")
+"""A binary literal of 32 bytes or more: an image or file a user queried with."""
+
+
+def redact_binary_literals(text: str | None) -> str | None:
+    """``text`` with each long ``X'...'`` literal cut to its first 8 bytes, its size and its
+    SHA-256: enough to tell which image a statement used, not enough to rebuild it."""
+    if text is None:
+        return None
+
+    def short(match: re.Match[str]) -> str:
+        digits = "".join(match[1].split())
+        raw = bytes.fromhex(digits[: len(digits) // 2 * 2])
+        return (f"X'{digits[:16]}...' /* {len(raw)} bytes, sha256 "
+                f"{hashlib.sha256(raw).hexdigest()} */")
+
+    return _BINARY_LITERAL.sub(short, text)
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,11 @@ class AuditLog:
         return self
 
     def append(self, record: AuditRecord) -> None:
-        """Queue a record; it is committed within ``flush_seconds``."""
+        """Queue a record (long binary literals redacted); it is committed within
+        ``flush_seconds``."""
+        record = replace(record, sql=redact_binary_literals(record.sql),
+                         prepared=redact_binary_literals(record.prepared),
+                         error_message=redact_binary_literals(record.error_message))
         with self._lock:
             self._buffer.append(record)
             if len(self._buffer) >= self.max_buffer:

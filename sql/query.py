@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from dicomlake.sql import errors as E
-from dicomlake.sql.audit import AuditRecord
+from dicomlake.sql.audit import AuditRecord, redact_binary_literals
 from dicomlake.sql.engine import engine_error_or_cancel
 from dicomlake.sql.errors import QueryError
 from dicomlake.sql.protocol import results_json
@@ -463,7 +463,7 @@ class QueryManager:
             # The one line a failed statement leaves in the server's log (its stack, if it
             # had one, is at DEBUG).
             log.warning("query %s by %s failed: %s: %s", query.id, query.principal.name,
-                        final.code.name, " ".join(final.message.split()))
+                        final.code.name, redact_binary_literals(" ".join(final.message.split())))
         if error is not None:
             query.fail(error)
         now = dt.datetime.now(dt.UTC)

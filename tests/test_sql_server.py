@@ -7,6 +7,7 @@ One server per test module, on a small lake made with the sample + ingest API. U
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
 import threading
@@ -460,6 +461,28 @@ def test_audit_log_records_statements_and_failed_logins(server):
     failed, _ = run(server, "root", "SELECT count(*) FROM system.audit_log "
                                     "WHERE event = 'login_failed' AND user = 'doc'")
     assert failed[0][0] >= 1
+
+
+def test_audit_log_keeps_the_hash_of_a_queried_image_not_its_bytes(server):
+    """A user's own image given as a binary literal (image_knn(query_image => X'...')) leaves
+    its size and hash in the audit log, never bytes enough to rebuild it."""
+    image = hashlib.sha256(str(time.time_ns()).encode()).digest() * 8  # 256 bytes
+    run(server, "ana", f"SELECT length(X'{image.hex()}')")
+    rows, _ = run(server, "root", "SELECT sql FROM system.audit_log "
+                                  f"WHERE sql LIKE '%{hashlib.sha256(image).hexdigest()}%'")
+    assert len(rows) == 1
+    assert "256 bytes" in rows[0][0] and image.hex()[16:48] not in rows[0][0]
+
+
+def test_redaction_leaves_short_literals_and_other_text_alone():
+    from dicomlake.sql.audit import redact_binary_literals
+
+    short = "SELECT X'00ff', 'a' || x'41'"
+    assert redact_binary_literals(short) == short
+    long = "ab" * 40
+    out = redact_binary_literals(f"EXECUTE s USING x'{long}', 7")
+    assert out is not None and long not in out and out.startswith("EXECUTE s USING X'abababab")
+    assert out.endswith(", 7") and "40 bytes" in out
 
 
 def test_started_server_that_never_served_shuts_down(sql_home, spark, settings):
