@@ -81,7 +81,7 @@ def dimse(ae_title: str, host: str, port: int, trusted_ae: tuple[str, ...],
                f"(C-ECHO, C-STORE, C-FIND; lake {settings.home})")
     click.echo(f"  echo:  echoscu -aec {config.ae_title} {bound_host} {bound_port}")
     click.echo(f"  push:  TCP_NODELAY=1 storescu -aec {config.ae_title} {bound_host} "
-               f"{bound_port} file.dcm   (a folder: +sd +r folder/)")
+               f"{bound_port} file.dcm   (a folder: add +sd +r and name the folder)")
     click.echo(f"  find:  findscu -S -aec {config.ae_title} -k QueryRetrieveLevel=STUDY "
                f"-k PatientID=... -k StudyInstanceUID {bound_host} {bound_port}")
     trusted = ", ".join(f"{k}={v}" for k, v in sorted(config.trusted.items())) or "none"
