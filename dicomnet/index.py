@@ -199,12 +199,9 @@ class InstanceRef:
     @property
     def burned_in_annotation(self) -> str | None:
         """BurnedInAnnotation (0028,0301) as stored (YES/NO), None when absent."""
-        if '"00280301"' not in self.meta:
-            return None
-        import orjson
+        from dicomlake.udfs.images import burned_in_annotation
 
-        values = orjson.loads(self.meta).get("00280301", {}).get("Value") or [None]
-        return None if values[0] is None else str(values[0]).strip().upper()
+        return burned_in_annotation(self.meta)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The SQL server's request handler authenticates (the same users, throttle and TLS), then hands
 the request here as plain values and writes the :class:`Response` back, auditing it; nothing
 here touches sockets. Each role is answered from its own :class:`CatalogIndex` (analysts:
-``dicom_deid``), pixels go through :func:`~dicomlake.dicomnet.burned_in.pixels_allowed`, and
+``dicom_deid``), pixels go through :func:`~dicomlake.udfs.images.pixels_allowed`, and
 pixel responses are never compressed (gzip cost viewers 8x their frame rate).
 """
 
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from dicomlake.dicomnet.burned_in import pixels_allowed, withheld_reason
 from dicomlake.dicomnet.index import InstanceRef, catalog_index
 from dicomlake.dicomnet.matching import MatchError
 from dicomlake.dicomnet.wado import (
@@ -31,6 +30,7 @@ from dicomlake.dicomnet.wado import (
     multipart,
     rendered,
 )
+from dicomlake.udfs.images import pixels_allowed, withheld_reason
 
 if TYPE_CHECKING:
     from dicomlake.config import Settings

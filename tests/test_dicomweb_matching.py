@@ -7,9 +7,9 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
-from dicomlake.dicomnet.burned_in import pixels_allowed
 from dicomlake.dicomnet.index import tag_of
 from dicomlake.dicomnet.matching import Kind, Matcher, MatchError, mask
+from dicomlake.udfs.images import pixels_allowed
 
 ROWS = pa.table({
     "uid": ["1.2.3", "1.2.4", "1.3.1", None],

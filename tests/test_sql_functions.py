@@ -41,6 +41,22 @@ def _broken_ct(out: Path) -> Path:
     return path
 
 
+BURNED_IN_SOP = "1.2.826.0.1.3680043.8.498.4242.1"
+
+
+def _burned_in_ct(out: Path) -> Path:
+    """A CT whose BurnedInAnnotation is YES: its pixels may carry identifying text."""
+    from pydicom import dcmread
+
+    ds = dcmread(find_template("CT_small.dcm"))
+    ds.BurnedInAnnotation = "YES"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = BURNED_IN_SOP
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.4242.2"
+    path = out / "burned_in_ct.dcm"
+    ds.save_as(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def lake(spark, settings, sample_archives, tmp_path_factory):
     """A private lake (sample archives, a multi-frame file, an undecodable CT) ingested,
@@ -57,7 +73,8 @@ def lake(spark, settings, sample_archives, tmp_path_factory):
     os.chmod(key, 0o600)
     lake_settings = Settings(home=home, spark=settings.spark)
     inputs = [str(p) for p in sample_archives] + [str(extra / "emri_small.dcm"),
-                                                   str(_broken_ct(extra))]
+                                                   str(_broken_ct(extra)),
+                                                   str(_burned_in_ct(extra))]
     ingest(spark, Warehouse(lake_settings.warehouse_path), inputs)
     register_functions(spark, lake_settings, SIM)
     try:
@@ -241,6 +258,23 @@ def test_analysts_pass_pseudonyms_never_raw_ids_or_paths(spark, lake):
     row = clinician.sql(f"SELECT image_embedding('{ct.sop_instance_uid}') AS uid, "
                         f"image_embedding('{find_template('CT_small.dcm')}') AS file").first()
     assert _cos(row.uid, stored) > 0.9999 and row.file is None
+
+
+def test_thumbnails_of_burned_in_images_are_withheld_from_de_identified_views(spark, lake):
+    """The one pixel rule (udfs.images.pixels_allowed): an analyst's dicom_thumbnail of an
+    image whose BurnedInAnnotation is YES is NULL; their other images and the same image for
+    a clinician still have thumbnails."""
+    ct = a_ct(spark)
+    analyst = spark.newSession()
+    register_functions(analyst, lake, SIM, scope=ANALYST_SCOPE)
+    row = analyst.sql(f"""
+        SELECT dicom_thumbnail('{_pseudonym(lake, BURNED_IN_SOP)}') AS burned,
+               dicom_thumbnail('{_pseudonym(lake, ct.sop_instance_uid)}') AS plain""").first()
+    assert row.burned is None and bytes(row.plain).startswith(b"\x89PNG")
+    clinician = spark.newSession()
+    register_functions(clinician, lake, SIM, scope=CLINICIAN_SCOPE)
+    png = clinician.sql(f"SELECT dicom_thumbnail('{BURNED_IN_SOP}')").first()[0]
+    assert bytes(png).startswith(b"\x89PNG")
 
 
 def test_through_the_trino_server_analyst_and_admin(spark, lake):

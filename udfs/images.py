@@ -10,6 +10,12 @@ An :class:`ImageScope` says which tables a role's functions read: admins and cli
 pseudonyms. For those the index maps pseudonyms back to the raw file with the lake's key,
 inside the Python worker (the server's own process tree): the mapping is never a table, and
 neither key nor raw path reaches SQL, results or error messages.
+
+Pixels follow one rule on every path (SQL thumbnails, the browser, DICOMweb):
+:func:`pixels_allowed`. An image whose BurnedInAnnotation (0028,0301) is YES carries
+identifying text in its pixels (names, dates, ids stamped into ultrasound and screenshot
+frames) that no header de-identification removes, so de-identified views get none of its
+pixels.
 """
 
 from __future__ import annotations
@@ -24,6 +30,30 @@ from dicomlake.udfs.errors import UnknownImageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+def burned_in_annotation(meta: str | None) -> str | None:
+    """BurnedInAnnotation (0028,0301) of a stored header (DICOM JSON), upper-cased; None
+    when absent."""
+    if not meta or '"00280301"' not in meta:
+        return None
+    import orjson
+
+    values = orjson.loads(meta).get("00280301", {}).get("Value") or [None]
+    return None if values[0] is None else str(values[0]).strip().upper()
+
+
+def pixels_allowed(burned_in: str | None, *, deidentified: bool) -> bool:
+    """Whether a view may receive an image's pixels: always, unless the view must not show
+    identifiers (the ``dicom_deid`` scope) and the image's BurnedInAnnotation is YES."""
+    return not deidentified or (burned_in or "").strip().upper() != "YES"
+
+
+def withheld_reason(sop_instance_uid: str) -> str:
+    """What a refused client is told (the same words on every path)."""
+    return (f"pixel data of instance {sop_instance_uid} is withheld: its BurnedInAnnotation "
+            "(0028,0301) is YES, so its pixels may show identifiers, which this role must "
+            "not see")
 
 
 @dataclass(frozen=True)
@@ -55,17 +85,21 @@ class ImageIndex:
     warehouse: Path
     scope: ImageScope
     _paths: dict[str, str] = field(default_factory=dict)
+    _withheld: set[str] = field(default_factory=set)
+    """Raw paths whose pixels this scope may not see (:func:`pixels_allowed`)."""
     _rows: TableRows = field(init=False)
 
     def __post_init__(self) -> None:
-        self._rows = TableRows(self.warehouse / RAW_SCHEMA / "instances",
-                               ["sop_instance_uid", "path"])
+        columns = ["sop_instance_uid", "path"] + (["meta"] if self.scope.deidentified else [])
+        self._rows = TableRows(self.warehouse / RAW_SCHEMA / "instances", columns)
 
     def refresh(self) -> None:
         if not self._rows.refresh():
             return
         added = self._rows.added
         data = self._rows.rows if added is None else added
+        if added is None:
+            self._withheld = set()
         try:
             found = self._entries(data) if data is not None else {}
         except BaseException:
@@ -89,6 +123,9 @@ class ImageIndex:
                 if uid:
                     found[pseudo.uid(uid)] = path
                 found[pseudo.file(path)] = path
+            for path, meta in zip(raw, data.column("meta").to_pylist(), strict=True):
+                if not pixels_allowed(burned_in_annotation(meta), deidentified=True):
+                    self._withheld.add(path)
         else:
             for uid, path in zip(uids, raw, strict=True):
                 if uid:
@@ -108,6 +145,12 @@ class ImageIndex:
                 f"no image of {self.scope.schema}.instances has the id or path {ref!r}; "
                 "pass its sop_instance_uid (or path) from that table")
         return found
+
+
+    def pixels_allowed(self, path: str) -> bool:
+        """Whether this scope may see the pixels of the lake's file ``path`` (a raw path
+        :meth:`path_of` returned)."""
+        return path not in self._withheld
 
 
 _INDEXES: dict[tuple[str, str, ImageScope], ImageIndex] = {}

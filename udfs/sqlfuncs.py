@@ -49,7 +49,8 @@ def _thumbnail_or_none(path: str) -> bytes | None:
 
 def make_thumbnail(home: str, warehouse: str,
                    scope: ImageScope) -> Callable[[pd.Series], pd.Series]:
-    """``dicom_thumbnail(id)``: PNG bytes (128 px) of the first frame, NULL if undecodable.
+    """``dicom_thumbnail(id)``: PNG bytes (128 px) of the first frame, NULL if undecodable
+    or if the scope may not see its pixels (:func:`~dicomlake.udfs.images.pixels_allowed`).
 
     ``id`` is a ``sop_instance_uid`` or ``path`` of the scope's ``instances`` table; anything
     else fails the query without the file system being asked (see :mod:`.images`).
@@ -59,8 +60,14 @@ def make_thumbnail(home: str, warehouse: str,
         from dicomlake.udfs.images import image_index
 
         index = image_index(home, warehouse, scope)
-        return refs.map(lambda ref: None if ref is None
-                        else _thumbnail_or_none(index.path_of(str(ref))))
+
+        def thumbnail(ref: object) -> bytes | None:
+            if ref is None:
+                return None
+            path = index.path_of(str(ref))
+            return _thumbnail_or_none(path) if index.pixels_allowed(path) else None
+
+        return refs.map(thumbnail)
 
     return dicom_thumbnail
 
