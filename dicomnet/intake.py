@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 from dicomlake.catalog.errors import HeaderError
 from dicomlake.catalog.preflight import SNIFF_BYTES, parse_instance
+from dicomlake.errors import DicomlakeError
 
 if TYPE_CHECKING:
     from dicomlake.config import Settings
@@ -68,7 +69,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 """Error: cannot understand (the lake's pre-check refuses the data set)."""
 
 
-class StoreError(Exception):
+class StoreError(DicomlakeError):
     """An instance is refused; ``status`` is the DIMSE failure status to answer with."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from dicomlake.errors import DicomlakeError
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = ["Kind", "MatchError", "Matcher", "mask"]
 
 
-class MatchError(ValueError):
+class MatchError(DicomlakeError, ValueError):
     """A query value that cannot be matched; the message names the attribute."""
 
     def __init__(self, keyword: str, message: str) -> None:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from dicomlake.errors import DicomlakeError
+
 if TYPE_CHECKING:
     from dicomlake.dicomnet.index import InstanceRef
 
@@ -48,7 +50,7 @@ IMAGE_TYPES: dict[str, str] = {
 """PS3.18 Table 8.7.3-2: the single-frame media type of each compressed syntax."""
 
 
-class NotAcceptable(ValueError):
+class NotAcceptable(DicomlakeError, ValueError):
     """No representation the client accepts can be produced (406); says what can."""
 
 

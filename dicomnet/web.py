@@ -30,6 +30,7 @@ from dicomlake.dicomnet.wado import (
     multipart,
     rendered,
 )
+from dicomlake.errors import DicomlakeError
 from dicomlake.udfs.images import pixels_allowed, withheld_reason
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ _QIDO_CONTROLS = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 MAX_LIMIT = 10_000
 
 
-class DicomWebError(Exception):
+class DicomWebError(DicomlakeError):
     """A request answered with a 4xx status and a message naming what was wrong."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -27,6 +27,8 @@ SECOND_BASES = {
     "dicomlake.streaming.runner.StreamError": RuntimeError,
     "dicomlake.extension.browse_sql.BrowseInputError": ValueError,
     "dicomlake.extension.upload.UploadError": ValueError,
+    "dicomlake.dicomnet.matching.MatchError": ValueError,
+    "dicomlake.dicomnet.wado.NotAcceptable": ValueError,
 }
 """Standard bases callers catch today; the rebase onto DicomlakeError must keep them."""
 
