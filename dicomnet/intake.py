@@ -32,7 +32,7 @@ import io
 import logging
 import os
 import queue
-import sys
+import shutil
 import threading
 import time
 import uuid
@@ -148,6 +148,11 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _holds_instances(folder: Path) -> bool:
+    """True when ``folder`` holds a written instance (not only a temporary file)."""
+    return folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir())
+
+
 class DimseIntake:
     """Takes received instances into the lake; one per DIMSE service.
 
@@ -178,9 +183,13 @@ class DimseIntake:
     def start(self) -> list[Path]:
         """Start the uploads thread; queue folders a previous run left pending (returned)."""
         pending = sorted(self.folder.glob(f"*{PENDING_SUFFIX}")) if self.folder.is_dir() else []
-        folders = [m.with_suffix("") for m in pending if m.with_suffix("").is_dir()]
+        folders = []
         for marker in pending:
-            if not marker.with_suffix("").is_dir():  # nothing was written after all
+            folder = marker.with_suffix("")
+            if _holds_instances(folder):
+                folders.append(folder)
+            else:  # stopped before its first instance was durable: nothing was acknowledged
+                shutil.rmtree(folder, ignore_errors=True)
                 marker.unlink(missing_ok=True)
         self._thread.start()
         for folder in folders:
@@ -316,16 +325,11 @@ class DimseIntake:
 
     async def _upload(self, folder: Path) -> UploadJob:
         """The folder as a browser upload would be sent in; returns the finished job."""
-        from dicomlake.extension.upload import UploadJob
-
-        files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-        job = UploadJob(id=folder.name, owner=OWNER, folder=folder, files=files,
-                        command=[sys.executable, "-m", "dicomlake.extension.upload",
-                                 str(folder)])
+        job = self._manager.adopt(OWNER, folder)
         await self._manager.start(job)
         started = time.monotonic()
         while job.state == "RUNNING":
             await asyncio.sleep(0.2)
-        log.info("DIMSE: upload %s (%d files, %s path) %s in %.1f s: %s", job.id, len(files),
+        log.info("DIMSE: upload %s (%d files, %s path) %s in %.1f s: %s", job.id, len(job.files),
                  job.path, job.state, time.monotonic() - started, job.summary)
         return job

@@ -135,9 +135,30 @@ class UploadManager:
                                           f"{target.suffix}")
             target.write_bytes(body)
             names.append(target.name)
+        return self._register(owner, folder, names)
+
+    def adopt(self, owner: str, folder: Path) -> UploadJob:
+        """A job for a folder already written and made durable by its caller (DIMSE's
+        received instances): the job's id is the folder's name, its files the folder's
+        (hidden temporary files left out), and nothing runs until :meth:`start`.
+
+        Raises:
+            UploadError: the folder does not exist or holds no file.
+        """
+        if not folder.is_dir():
+            raise UploadError(f"upload folder {folder} does not exist")
+        names = sorted(p.name for p in folder.iterdir()
+                       if p.is_file() and not p.name.startswith("."))
+        if not names:
+            raise UploadError(f"upload folder {folder} holds no file")
+        return self._register(owner, folder, names)
+
+    def _register(self, owner: str, folder: Path, names: list[str]) -> UploadJob:
+        """The one place a job is made: its batch command is this module's child process."""
         command = [sys.executable, "-m", "dicomlake.extension.upload", str(folder)]
-        job = UploadJob(id=job_id, owner=owner, folder=folder, files=names, command=command)
-        self._jobs[job_id] = job
+        job = UploadJob(id=folder.name, owner=owner, folder=folder, files=names,
+                        command=command)
+        self._jobs[job.id] = job
         return job
 
     def _stream_bootstrap(self) -> tuple[str | None, str]:

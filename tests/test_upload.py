@@ -249,3 +249,29 @@ def test_browser_upload_goes_through_the_stream(lake, job_running):
                                                         f"{prefix}b.dcm": b}
     assert sorted(job.sent_sha256) == sorted(h["dicomlake-sha256"]
                                              for _, h in records.values())
+
+
+def test_adopt_makes_a_job_of_a_folder_already_written(tmp_path):
+    """What DIMSE's batch path has: a folder written (and fsync'd) by its caller. The job is
+    the folder's, lists its files but not a half-written temporary one, and runs the same
+    child command as a saved upload."""
+    import sys
+
+    from dicomlake.extension.upload import UploadError, UploadManager
+
+    manager = UploadManager(tmp_path, Settings(home=tmp_path))
+    folder = tmp_path / "uploads" / "dimse" / "20261130T120000-CT1-0a1b2c3d"
+    with pytest.raises(UploadError, match="does not exist"):
+        manager.adopt("dimse", folder)
+    folder.mkdir(parents=True)
+    (folder / ".2.dcm.tmp").write_bytes(b"half")
+    with pytest.raises(UploadError, match="holds no file"):
+        manager.adopt("dimse", folder)
+    for name in ("b.dcm", "a.dcm"):
+        (folder / name).write_bytes(make_dicom())
+    job = manager.adopt("dimse", folder)
+    assert (job.id, job.owner, job.files) == (folder.name, "dimse", ["a.dcm", "b.dcm"])
+    assert manager.get("dimse", job.id) is job and manager.get("alice", job.id) is None
+    saved = manager.save("alice", [("c.dcm", make_dicom())])
+    assert job.command == [sys.executable, "-m", "dicomlake.extension.upload", str(folder)]
+    assert saved.command == [*job.command[:-1], str(saved.folder)]
