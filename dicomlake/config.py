@@ -40,6 +40,7 @@ SECTIONS = {
     "warehouse": "where the Delta tables live (this module)",
     "similarity": "embedding backend, code store, PQ (dicomlake.udfs.settings)",
     "stream": "Kafka and the Flink job (dicomlake.streaming.settings)",
+    "dimse": "the DIMSE node: AE title, address, trusted AE titles (dicomlake.dicomnet.dimse)",
 }
 """Every ``[section]`` a config file may hold, and who reads it."""
 

@@ -10,6 +10,7 @@ import threading
 import click
 
 from dicomlake.config import load_settings
+from dicomlake.errors import ConfigError
 
 _ROLES = ("analyst", "clinician", "admin")
 
@@ -27,47 +28,51 @@ def _trusted(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command()
-@click.option("--ae-title", default="DICOMLAKE", show_default=True, envvar="DICOMLAKE_DIMSE_AE",
-              help="This node's AE title; peers must call it by this name "
-                   "[env DICOMLAKE_DIMSE_AE].")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--ae-title", default=None,
+              help="This node's AE title; peers must call it by this name [default: [dimse] "
+                   "ae_title, env DICOMLAKE_DIMSE_AE, else DICOMLAKE].")
+@click.option("--host", default=None,
               help="Address to bind (DIMSE has no passwords: bind another address only on a "
-                   "network you trust).")
-@click.option("--port", type=int, default=11112, show_default=True,
-              envvar="DICOMLAKE_DIMSE_PORT",
-              help="TCP port (0 picks a free one) [env DICOMLAKE_DIMSE_PORT].")
+                   "network you trust) [default: [dimse] host, else 127.0.0.1].")
+@click.option("--port", type=int, default=None,
+              help="TCP port, 0 picks a free one [default: [dimse] port, env "
+                   "DICOMLAKE_DIMSE_PORT, else 11112].")
 @click.option("--trusted-ae", "trusted_ae", multiple=True, metavar="NAME=ROLE",
               help="A calling AE title whose C-FINDs get ROLE (clinician or admin: "
-                   "identifying values). Repeatable. Every other peer is answered as an "
-                   "analyst (de-identified values, pseudonymous UIDs).")
-@click.option("--max-associations", default=10, show_default=True,
-              help="Associations served at once; more are rejected (and audited).")
+                   "identifying values). Repeatable; replaces the config file's "
+                   "[dimse.trusted]. Every other peer is answered as an analyst "
+                   "(de-identified values, pseudonymous UIDs).")
+@click.option("--max-associations", type=int, default=None,
+              help="Associations served at once; more are rejected (and audited) "
+                   "[default: [dimse] max_associations, else 10].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info",
               show_default=True,
               help="info: one line per association and per refused instance; debug: one "
                    "per stored instance.")
-def dimse(ae_title: str, host: str, port: int, trusted_ae: tuple[str, ...],
-          max_associations: int, log_level: str) -> None:
+def dimse(ae_title: str | None, host: str | None, port: int | None,
+          trusted_ae: tuple[str, ...], max_associations: int | None, log_level: str) -> None:
     """Serve the lake to PACS and modalities: C-ECHO, C-STORE and C-FIND.
 
     Stored instances enter the lake the way browser uploads do: through the upload stream
     when its job runs (Success once the broker confirmed them), else written to disk
-    (Success once fsync'd) and ingested and embedded when the association ends.
+    (Success once fsync'd) and ingested and embedded when the association ends. The
+    config file's [dimse] section sets the node up; each flag overrides its key.
     """
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_level != "debug":  # pynetdicom logs every PDU and DIMSE message at INFO
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    from dicomlake.dicomnet.dimse import DimseConfig, DimseServer
-    from dicomlake.sql.users import Role
+    from dicomlake.dicomnet.dimse import DimseServer, load_dimse
 
     try:
-        config = DimseConfig(ae_title=ae_title, host=host, port=port,
-                             trusted={k: Role(v) for k, v in _trusted(trusted_ae).items()},
-                             max_associations=max_associations)
+        settings = load_settings()
+        config = load_dimse(settings, ae_title=ae_title, host=host, port=port,
+                            trusted=_trusted(trusted_ae) if trusted_ae else None,
+                            max_associations=max_associations)
+    except ConfigError as exc:  # the file or a variable: not a flag the user just typed
+        raise click.ClickException(str(exc)) from exc
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    settings = load_settings()
     server = DimseServer(settings, config)
     try:
         server.start()

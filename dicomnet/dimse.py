@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomlake.config import load_section
 from dicomlake.dicomnet.index import CatalogIndex, Level, catalog_index
 from dicomlake.dicomnet.intake import DimseIntake, Intake, StoreError, check_instance
 from dicomlake.sql.users import Role
@@ -107,6 +108,64 @@ class DimseConfig:
     def role_for(self, calling_ae: str) -> Role:
         """The role a peer calling as ``calling_ae`` gets."""
         return self.trusted.get(calling_ae.strip(), self.default_role)
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    """``[dimse]`` in the config file: the node as a PACS administrator sets it up once
+    (each ``dicomlake dimse`` flag overrides its key for one run).
+
+    ``trusted`` maps calling AE titles to roles; the flags' ``--trusted-ae`` list replaces
+    the file's (never adds to it: a run can only narrow whom the file trusts, by naming)::
+
+        [dimse]
+        ae_title = "LAKE"
+        port = 11112
+        [dimse.trusted]
+        PACS = "clinician"
+    """
+
+    ae_title: str = DEFAULT_AE_TITLE
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    trusted: dict[str, str] = field(default_factory=dict)
+    max_associations: int = 10
+
+    def __post_init__(self) -> None:
+        self.config()  # every rule of DimseConfig, so a bad file fails when it is read
+
+    def config(self) -> DimseConfig:
+        """These settings as the server's config (roles parsed, AE titles checked)."""
+        trusted: dict[str, Role] = {}
+        for title, role in self.trusted.items():
+            try:
+                trusted[title] = Role(role.strip().lower())
+            except ValueError:
+                allowed = ", ".join(r.value for r in Role)
+                raise ValueError(f"trusted AE title {title!r} has role {role!r}; it must be "
+                                 f"one of: {allowed}") from None
+        return DimseConfig(ae_title=self.ae_title, host=self.host, port=self.port,
+                           trusted=trusted, max_associations=self.max_associations)
+
+
+_DIMSE_ENVIRONMENT = {"ae_title": "DICOMLAKE_DIMSE_AE", "port": "DICOMLAKE_DIMSE_PORT"}
+
+
+def load_dimse(settings: Settings, *, ae_title: str | None = None, host: str | None = None,
+               port: int | None = None, trusted: Mapping[str, str] | None = None,
+               max_associations: int | None = None) -> DimseConfig:
+    """The service's config: defaults, then ``[dimse]``, then ``DICOMLAKE_DIMSE_AE`` and
+    ``DICOMLAKE_DIMSE_PORT``, then the arguments that are not None (the command's flags).
+
+    Raises:
+        ConfigError: the file's section (or a variable) breaks a rule; names file and key.
+        ValueError: an argument breaks a rule.
+    """
+    section = load_section(settings, "dimse", DimseSettings, env=_DIMSE_ENVIRONMENT)
+    flags: dict[str, Any] = {"ae_title": ae_title, "host": host, "port": port,
+                             "max_associations": max_associations,
+                             "trusted": dict(trusted) if trusted is not None else None}
+    return replace(section, **{k: v for k, v in flags.items() if v is not None}).config()
 
 
 class _NoDelayServer(ThreadedAssociationServer):

@@ -96,6 +96,42 @@ def test_config_checks_ae_titles_and_roles():
     assert config.role_for("MODALITY") is Role.ANALYST
 
 
+def test_dimse_section_of_the_config_file_then_variables_then_flags(tmp_path, monkeypatch):
+    from dicomlake.dicomnet.dimse import load_dimse
+    from dicomlake.errors import ConfigError
+
+    monkeypatch.delenv("DICOMLAKE_DIMSE_AE", raising=False)
+    monkeypatch.delenv("DICOMLAKE_DIMSE_PORT", raising=False)
+    config_file = tmp_path / "dicomlake.toml"
+    settings = Settings(home=tmp_path, config_file=config_file)
+    config_file.write_text('[dimse]\nae_title = "LAKE"\nhost = "0.0.0.0"\nport = 4242\n'
+                           '[dimse.trusted]\nPACS = "clinician"\n"WS.1" = "Admin"\n')
+    config = load_dimse(settings)
+    assert (config.ae_title, config.host, config.port, config.max_associations) == (
+        "LAKE", "0.0.0.0", 4242, 10)
+    assert config.trusted == {"PACS": Role.CLINICIAN, "WS.1": Role.ADMIN}
+    monkeypatch.setenv("DICOMLAKE_DIMSE_PORT", "5000")
+    assert load_dimse(settings).port == 5000
+    flagged = load_dimse(settings, port=0, ae_title="RUN", trusted={"CT1": "admin"})
+    assert (flagged.ae_title, flagged.host, flagged.port) == ("RUN", "0.0.0.0", 0)
+    assert flagged.trusted == {"CT1": Role.ADMIN}  # the flags' list replaces the file's
+    with pytest.raises(ValueError, match="1 to 16 printable ASCII"):
+        load_dimse(settings, ae_title="A_NAME_LONGER_THAN_16")
+
+    monkeypatch.delenv("DICOMLAKE_DIMSE_PORT")
+    config_file.write_text('[dimse]\n[dimse.trusted]\nPACS = "doctor"\n')
+    with pytest.raises(ConfigError, match=rf"{config_file}.*\[dimse\].*'PACS' has role "
+                                          "'doctor'; it must be one of: admin, clinician, "
+                                          "analyst"):
+        load_dimse(settings)
+    config_file.write_text('[dimse]\nport = "eleven"\n')
+    with pytest.raises(ConfigError, match=r"'dimse\.port' must be an integer"):
+        load_dimse(settings)
+    config_file.write_text('[dimse]\ncalled_ae = "X"\n')
+    with pytest.raises(ConfigError, match="unknown key 'called_ae' in section \\[dimse\\]"):
+        load_dimse(settings)
+
+
 def test_cli_refuses_a_malformed_trusted_ae():
     from dicomlake.cli import main
 
