@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 .PHONY: install demo test test-second lint typecheck debian-tools
-install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed debian-tools
+install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed debian-tools $(OHIF_STAMP)
 
 # The streaming job's own interpreter: apache-flink pins pyarrow<17 (through apache-beam),
 # which pyspark 4.3 refuses, so Flink never shares .venv (streaming/flink-requirements.txt)
@@ -41,6 +41,21 @@ $(VENV)/.labextension: $(VENV)/.installed package.json package-lock.json tsconfi
 	ln -sfn $(CURDIR)/extension/labextension $(VENV)/share/jupyter/labextensions/@dicomlake/jupyterlab
 	cp extension/jupyter-config/jupyter_server_config.d/dicomlake.json \
 		$(VENV)/etc/jupyter/jupyter_server_config.d/dicomlake.json
+	touch $@
+
+# The OHIF viewer `dicomlake serve` serves at /viewer/ (dicomnet/viewer.py): the pinned
+# @ohif/app build from npm, its dist/ unpacked into the package (the wheel carries it)
+# without source maps (38 MB) and without ort/ (108 MB of onnxruntime-web for OHIF's AI
+# segmentation tools, which we do not offer)
+OHIF_VERSION := 3.13.2
+OHIF_DIR := dicomnet/viewer
+OHIF_STAMP := $(OHIF_DIR)/.ohif-$(OHIF_VERSION)
+$(OHIF_STAMP):
+	rm -rf $(OHIF_DIR) build/ohif && mkdir -p $(OHIF_DIR) build/ohif
+	cd build/ohif && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	tar -xzf build/ohif/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_DIR) --strip-components=2 \
+		--exclude='*.map' --exclude='package/dist/ort' package/dist
+	rm -rf build/ohif
 	touch $@
 
 # Debian's Chromium for the browser tests (test tools' own browser downloads fail here) and

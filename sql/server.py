@@ -12,6 +12,10 @@ calls Spark (Kyuubi's ``StatementResource`` habit). Endpoints:
 * ``/dicomweb/...`` - DICOMweb (QIDO-RS, WADO-RS, STOW-RS) for viewers and PACS, answered by
   :class:`dicomlake.dicomnet.web.DicomWeb` after the same authentication; every request is
   audited (``event = 'dicomweb'``), refusals as ``request_refused``.
+* ``GET /viewer/...`` - the bundled OHIF viewer (:mod:`dicomlake.dicomnet.viewer`), public
+  files without a login; its ``app-config.js`` points at ``<public URL>/dicomweb``, where
+  the browser's first request gets 401 with ``WWW-Authenticate: Basic`` and so the browser's
+  own login prompt (or the credentials a client was given).
 
 Plain HTTP is accepted only on a loopback address; any other bind address needs TLS.
 Every refused request is audited (user claimed, client address, status); failed logins back
@@ -56,6 +60,8 @@ SERVER_VERSION = f"476-dicomlake-{__version__}"
 
 _EXECUTING = re.compile(r"^/v1/statement/(?:executing|queued)/([\w-]+)/([\w-]+)/(\d+)$")
 _QUERY = re.compile(r"^/v1/query/([\w-]+)$")
+VIEWER_MOUNT = "/viewer/"
+"""Where ``dicomlake serve`` serves the OHIF viewer."""
 
 
 @dataclass(frozen=True)
@@ -286,8 +292,28 @@ class TrinoRequestHandler(BaseHTTPRequestHandler):
                    content_type=response.content_type)
         return True
 
+    def _viewer(self) -> bool:
+        """Serve the OHIF viewer's files (True), or leave the request to the others."""
+        from dicomlake.dicomnet.viewer import ViewerMissingError
+
+        path = self.path.split("?", 1)[0]
+        if path == VIEWER_MOUNT.rstrip("/"):
+            self._send(301, b"", headers=[("Location", VIEWER_MOUNT)],
+                       content_type="text/plain")
+            return True
+        if not path.startswith(VIEWER_MOUNT):
+            return False
+        try:
+            response = self.server.app.viewer.respond(path[len(VIEWER_MOUNT):])
+        except ViewerMissingError as exc:
+            self._error(404, str(exc), user=self._claimed_user())
+            return True
+        self._send(response.status, response.body, headers=response.headers,
+                   content_type=response.content_type)
+        return True
+
     def do_GET(self) -> None:
-        if self._dicomweb():
+        if self._dicomweb() or self._viewer():
             return
         path = self.path.split("?", 1)[0]
         app = self.server.app
@@ -480,11 +506,13 @@ class SqlServer:
             context.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
             http.socket = context.wrap_socket(http.socket, server_side=True,
                                               do_handshake_on_connect=False)
+        from dicomlake.dicomnet.viewer import ViewerSite
         from dicomlake.dicomnet.web import DicomWeb
 
         self.dicomweb = DicomWeb(self.settings)
         http.app = self
         self._http = http
+        self.viewer = ViewerSite(VIEWER_MOUNT, f"{self.public_url}/dicomweb")
         self.started = time.monotonic()
         return self
 
