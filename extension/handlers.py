@@ -19,6 +19,8 @@ Routes:
   the one statement and never saved (uploading it is the separate ``uploads`` route)
 * ``POST uploads`` (multipart ``files``) / ``GET uploads/{id}``: the upload stream when its
   job runs, else batch ingest + embed (``path`` in the reply)
+* ``GET viewer/...`` and ``GET dicomweb/...``: the OHIF viewer and the DICOMweb reads it
+  makes, as the mapped SQL user (:mod:`~dicomlake.extension.viewer_proxy`)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from dicomlake.extension.identities import IdentityError, IdentityMap
 from dicomlake.extension.queries import QueryRegistry
 from dicomlake.extension.sqlclient import Result, SqlClient, SqlClientError
 from dicomlake.extension.upload import UploadError, UploadManager
+from dicomlake.extension.viewer_proxy import viewer_routes
 
 NAMESPACE = "dicomlake"
 """URL prefix of every route (after the server's base URL)."""
@@ -435,5 +438,6 @@ def setup_handlers(web_app: tornado.web.Application, home: Path) -> ExtensionSta
         (url_path_join(base, "image-search"), ImageSearchHandler),
         (url_path_join(base, "uploads"), UploadsHandler),
         (url_path_join(base, "uploads", r"([0-9T]+-[0-9a-f]{8})"), UploadHandler),
+        *viewer_routes(web_app.settings["base_url"], NAMESPACE, state.identities),
     ])
     return state

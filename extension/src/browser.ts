@@ -89,7 +89,15 @@ function thumbnail(base64: string | null, alt: string): HTMLElement {
  * in the sidebar or a notebook.
  */
 export class DatasetBrowser extends Widget {
-  constructor(private _client: IDicomlakeClient, filters: IFilters = {}) {
+  /**
+   * `openViewer` shows a study (a series first, when given) in the OHIF viewer; without it
+   * the browser offers no viewer button.
+   */
+  constructor(
+    private _client: IDicomlakeClient,
+    filters: IFilters = {},
+    private _openViewer?: (studyUid: string, seriesUid?: string) => void
+  ) {
     super();
     this.addClass('jp-DicomlakeBrowser');
     this.title.label = 'dicomlake browser';
@@ -248,12 +256,23 @@ export class DatasetBrowser extends Widget {
     if (!result) {
       return;
     }
+    const openViewer = this._openViewer;
+    const viewerButton = (title: string, seriesUid?: string) => {
+      const button = h('button', { className: 'jp-DicomlakeBrowser-openViewer jp-mod-styled', text: '▣ Open in viewer', title });
+      button.addEventListener('click', event => {
+        event.stopPropagation();  // a series card's own click opens its images here
+        openViewer?.(studyUid, seriesUid);
+      });
+      return button;
+    };
     this._series.replaceChildren(
+      ...(openViewer ? [h('div', { className: 'jp-DicomlakeBrowser-studyActions' }, viewerButton('Open this study in the OHIF viewer'))] : []),
       ...result.records.map(series => {
         const card = h('div', { className: 'jp-DicomlakeBrowser-card jp-DicomlakeBrowser-seriesCard', attrs: { 'data-uid': series.series_instance_uid }, title: series.series_instance_uid },
           thumbnail(series.thumbnail, `series ${series.series_number ?? ''}`),
           h('div', { className: 'jp-DicomlakeBrowser-caption', text: `${series.modality ?? '?'} #${series.series_number ?? '–'} · ${series.instances} img` }),
-          h('div', { className: 'jp-DicomlakeBrowser-subcaption', text: cellText(series.series_description ?? series.body_part_examined) }));
+          h('div', { className: 'jp-DicomlakeBrowser-subcaption', text: cellText(series.series_description ?? series.body_part_examined) }),
+          ...(openViewer ? [viewerButton('Open this series in the OHIF viewer', series.series_instance_uid)] : []));
         card.addEventListener('click', () => {
           this._series.querySelectorAll('.jp-mod-selected').forEach(n => n.classList.remove('jp-mod-selected'));
           card.classList.add('jp-mod-selected');

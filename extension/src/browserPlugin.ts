@@ -5,6 +5,7 @@ import { ILauncher } from '@jupyterlab/launcher';
 import { DatasetBrowser } from './browser';
 import { dicomlakeIcon } from './sidebar';
 import { IDatasetBrowserOpener, IDicomlakeClient, IFilters } from './tokens';
+import { ViewerPanel } from './viewer';
 
 /** Command IDs of the dataset browser. */
 export namespace CommandIDs {
@@ -28,12 +29,23 @@ export const browserPlugin: JupyterFrontEndPlugin<IDatasetBrowserOpener> = {
   ): IDatasetBrowserOpener => {
     const tracker = new WidgetTracker<MainAreaWidget<DatasetBrowser>>({ namespace: 'dicomlake-browser' });
     let count = 0;
+    let viewers = 0;
+    const openViewer = (studyUid: string, seriesUid?: string): void => {
+      const widget = new MainAreaWidget({ content: new ViewerPanel(studyUid, seriesUid) });
+      widget.id = `dicomlake-viewer-${++viewers}`;
+      widget.title.label = seriesUid ? `OHIF: series …${seriesUid.slice(-8)}` : `OHIF: study …${studyUid.slice(-8)}`;
+      widget.title.caption = seriesUid ? `study ${studyUid}, series ${seriesUid}` : `study ${studyUid}`;
+      widget.title.icon = dicomlakeIcon;
+      widget.title.closable = true;
+      app.shell.add(widget, 'main');
+      app.shell.activateById(widget.id);
+    };
     app.commands.addCommand(CommandIDs.open, {
       label: 'Dataset Browser',
       caption: 'Browse the studies, series and images of the lake',
       icon: dicomlakeIcon,
       execute: args => {
-        const content = new DatasetBrowser(client, (args.filters as IFilters | undefined) ?? {});
+        const content = new DatasetBrowser(client, (args.filters as IFilters | undefined) ?? {}, openViewer);
         const widget = new MainAreaWidget({ content });
         widget.id = `dicomlake-browser-${++count}`;
         widget.title.label = 'dicomlake browser';
