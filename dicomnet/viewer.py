@@ -173,9 +173,9 @@ class ViewerSite:
         if relative == "app-config.js":
             return ViewerResponse(200, app_config(self.mount, self.dicomweb_root),
                                   _CONTENT_TYPES[".js"], fresh)
-        found = self._file(relative) if relative not in ("", "index.html") else None
+        found = None if relative in ("", "index.html") else self._file(relative)
         if found is None:
-            if "." in relative.rsplit("/", 1)[-1]:
+            if relative != "index.html" and "." in relative.rsplit("/", 1)[-1]:
                 return ViewerResponse(404, f"No such viewer file: {relative}".encode(),
                                       _CONTENT_TYPES[".txt"], fresh)
             return ViewerResponse(200, self._index(), _CONTENT_TYPES[".html"], fresh)
