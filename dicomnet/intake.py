@@ -8,12 +8,17 @@ one):
   instance is sent through :class:`~dicomlake.streaming.producer.Uploader`, one record named
   ``dimse/<job>/<SOPInstanceUID>.dcm``, and the C-STORE succeeds only once the broker has
   confirmed that record; the job adds rows, embeddings and codes as for every upload.
-* ``batch`` otherwise: each instance is written to ``<home>/uploads/dimse/<job>/`` and
-  fsync'd (file and folder) before the C-STORE succeeds. When the association ends the
-  folder becomes an upload of :class:`~dicomlake.extension.upload.UploadManager`, which
-  ingests and embeds it in a child process exactly as a browser upload (or sends it through
-  the stream, if one runs by then). Uploads run one after another: each child holds a Spark
-  session, and two at once on a small machine would only slow both.
+* ``batch`` otherwise: each instance is written to a temporary file in
+  ``<home>/uploads/dimse/<job>/``, fsync'd, and renamed to its name before the C-STORE
+  succeeds. The folder itself is fsync'd (its new entries made durable) once, when the
+  association ends, not after every instance (a second journal flush per instance, in the
+  modality's wait). The data of every acknowledged instance is on disk before its Success;
+  what a crash before the association ends can lose is a new name not yet durable (ext4
+  and XFS commit renames within seconds anyway). Then the folder becomes an upload of
+  :class:`~dicomlake.extension.upload.UploadManager`, which ingests and embeds it in a
+  child process exactly as a browser upload (or sends it through the stream, if one runs
+  by then). Uploads run one after another: each child holds a Spark session, and two at
+  once on a small machine would only slow both.
 
 A ``<job>.pending`` file beside each batch folder lives from its first instance until its
 upload finished; folders still pending when the service starts (it stopped before ingesting
@@ -88,6 +93,8 @@ class Intake:
     uploader: Uploader | None = None
     names: list[str] = field(default_factory=list)
     """Files written (batch) or records confirmed (stream), in order."""
+    taken: set[str] = field(default_factory=set)
+    """The file names in ``names`` (batch), to tell a second copy apart without a stat."""
 
 
 def check_instance(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> None:
@@ -126,7 +133,8 @@ def check_instance(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> No
 
 
 def _write_durably(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` and fsync it and its folder (then it survives a crash)."""
+    """Write ``data`` to ``target``: fsync'd under a temporary name, then renamed (a crash
+    never leaves a partial file under an instance's name). The caller fsyncs the folder."""
     tmp = target.with_name(f".{target.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
@@ -137,7 +145,6 @@ def _write_durably(target: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, target)
-    _fsync_folder(target.parent)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -285,7 +292,7 @@ class DimseIntake:
                 intake.folder.mkdir()
                 _fsync_folder(self.folder)
             target = intake.folder / name
-            if target.exists():  # the same instance twice in one association: keep both
+            if name in intake.taken:  # the same instance twice in one association: keep both
                 target = target.with_name(f"{target.stem}_{uuid.uuid4().hex[:4]}.dcm")
             _write_durably(target, data)
         except OSError as exc:
@@ -294,12 +301,18 @@ class DimseIntake:
             raise StoreError(status, f"the instance cannot be written to {intake.folder}: "
                              f"{exc.strerror or exc}") from exc
         intake.names.append(target.name)
+        intake.taken.add(target.name)
         return target.name
 
     def close(self, intake: Intake) -> None:
-        """The association ended: queue its batch folder for ingest (if it holds anything)."""
+        """The association ended: make its folder's entries durable and queue the folder
+        for ingest (if it holds anything)."""
         if intake.path == "batch" and intake.names:
             assert intake.folder is not None
+            try:
+                _fsync_folder(intake.folder)
+            except OSError:  # the files are fsync'd; the ingest reads the folder either way
+                log.exception("DIMSE: the folder %s cannot be fsync'd", intake.folder)
             self._queue.put(intake.folder)
 
     # -- uploads thread ----------------------------------------------------------------------
