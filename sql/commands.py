@@ -129,6 +129,8 @@ def serve(host: str, port: int | None, tls: str | None, tls_cert: Path | None,
     _echo_connection_strings(server.public_url, users[0].name, config.tls_cert)
     click.echo(f"DICOMweb (QIDO-RS, WADO-RS, STOW-RS) at {server.public_url}/dicomweb "
                "(same users; HTTP Basic)")
+    click.echo(f"OHIF viewer at {server.public_url}/viewer/ (the browser asks for a dicomlake "
+               "user's name and password)")
     sys.stdout.flush()
     stop.wait()
     click.echo("shutting down: cancelling queries, flushing the audit log", err=True)
