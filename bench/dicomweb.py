@@ -1,4 +1,5 @@
-"""DICOMweb benchmark: QIDO-RS search latency and WADO-RS frame rate against file reads.
+"""DICOMweb and DIMSE benchmark: QIDO-RS search latency, WADO-RS frame rate against file
+reads, and C-STORE throughput from dcmtk's ``storescu``.
 
 One process builds a 2,000-instance lake (512x512 CT/MR in ZIPs, the ingest benchmark's
 profile) and runs ``dicomlake serve``'s server on loopback; the HTTP client runs in a
@@ -10,6 +11,16 @@ connection, as a viewer does:
   request each (what OHIF sends), in the stored syntax, repeated to at least 300 frames.
 * ``frames_vs_file_read``: that rate over pydicom reading the same frames (``dcmread`` +
   ``PixelData``) from the same instances extracted to plain files, in the same run.
+* ``cstore_files_per_second``: ``dicomlake dimse``'s server (no stream job: the batch path)
+  on a lake of its own beside the first (so the ingest it waits for is the pushed files',
+  not embedding the 2,000 instances this bench never embeds), ``storescu`` pushing a folder
+  of held-out 512x512 files over one association
+  (:func:`dicomlake.bench.cstore.cstore_files_per_second`). The clock stops at
+  the last acknowledgement, what a modality waits for; each Success comes after the
+  instance's fsync. The batch ingest that follows is not counted there: the bench waits for
+  it before shutting down and reports it as ``cstore_ingest_seconds`` (the association's
+  end until the rows are in ``dicom.instances``), with ``cstore_ingested`` the pushed
+  instances found there.
 
 ``load_average`` is the machine's 1-minute load when the run ends (rates only compare
 within one run on these shared machines).
@@ -49,7 +60,7 @@ for line in sys.stdin:
 
 
 def run(*, instances: int = 2000, qido_queries: int = 200, min_frames: int = 300,
-        ) -> dict[str, object]:
+        cstore_files: int = 200) -> dict[str, object]:
     """Run the benchmark and return its result object."""
     from dicomlake.catalog import deid
     from dicomlake.catalog.ingest import ingest
@@ -76,11 +87,14 @@ def run(*, instances: int = 2000, qido_queries: int = 200, min_frames: int = 300
             UserStore(home).add("bench", _PASSWORD, Role.CLINICIAN)
             server = SqlServer(settings, ServerConfig(port=0), spark).start().serve_in_thread()
             try:
-                return _measure(server, settings, home, qido_queries, min_frames)
+                result = _measure(server, settings, home, qido_queries, min_frames)
             finally:
                 server.shutdown(stop_spark=False)
         finally:
-            spark.stop()
+            spark.stop()  # the DIMSE ingest runs its own Spark child: one at a time
+        result.update(_measure_cstore(settings, home, cstore_files))
+        result["load_average"] = os.getloadavg()[0]
+        return result
 
 
 def _measure(server: Any, settings: Any, home: Path, qido_queries: int,
@@ -139,7 +153,6 @@ def _measure(server: Any, settings: Any, home: Path, qido_queries: int,
         "frames_per_second": round(rate, 1),
         "file_read_frames_per_second": round(file_rate, 1),
         "frames_vs_file_read": round(rate / file_rate, 3),
-        "load_average": os.getloadavg()[0],
     }
 
 
@@ -167,3 +180,51 @@ def _file_read_rate(paths: list[str], folder: Path, count: int) -> float:
             if done >= count:
                 break
     return done / (time.perf_counter() - started)
+
+
+def _measure_cstore(settings: Any, home: Path, count: int) -> dict[str, object]:
+    """C-STORE of ``count`` held-out 512x512 files into a lake under ``home``, then their
+    batch ingest (and embedding)."""
+    import dataclasses
+
+    from deltalake import DeltaTable
+    from pydicom import dcmread
+
+    from dicomlake.bench.cstore import cstore_files_per_second
+    from dicomlake.catalog.sample import Profile, make_sample
+    from dicomlake.catalog.warehouse import Warehouse
+    from dicomlake.dicomnet.dimse import DimseConfig, DimseServer
+
+    per_archive = 50
+    archives = make_sample(home / "cstore-samples", archives=-(-count // per_archive),
+                           files=per_archive, seed=8, profile=Profile.CTMR)
+    folder = home / "cstore"
+    folder.mkdir()
+    files: list[Path] = []
+    for archive in archives:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist()[:count - len(files)]:
+                target = folder / f"{len(files):05d}.dcm"
+                target.write_bytes(zf.read(member))
+                files.append(target)
+    sent = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    lake = dataclasses.replace(settings, home=home / "dimse-lake", warehouse=None)
+    server = DimseServer(lake, DimseConfig(port=0)).start()
+    try:
+        host, port = server.address
+        rate = cstore_files_per_second(files, host=host, port=port,
+                                       ae_title=server.config.ae_title)
+    finally:
+        pushed = time.perf_counter()
+        server.shutdown()  # waits for the association's end, then for its batch ingest
+    ingest_seconds = time.perf_counter() - pushed
+    path = str(Warehouse(lake.warehouse_path).table_path("dicom", "instances"))
+    found = set(DeltaTable(path).to_pyarrow_table(columns=["sop_instance_uid"])
+                .column("sop_instance_uid").to_pylist()) \
+        if DeltaTable.is_deltatable(path) else set()  # no table: the ingest failed (logged)
+    return {
+        "cstore_files": len(files),
+        "cstore_files_per_second": round(rate, 1),
+        "cstore_ingest_seconds": round(ingest_seconds, 1),
+        "cstore_ingested": len(sent & found),
+    }
