@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def test_the_wheel_holds_the_package_the_front_end_and_the_model(wheel):
         assert f"dicomlake/{sub}/__init__.py" in names
     assert "dicomlake/udfs/models/efficientnet-lite0.onnx" in names
     assert "dicomlake/streaming/flink-requirements.txt" in names
+    viewer = [n for n in names if n.startswith("dicomlake/dicomnet/viewer/")]
+    assert "dicomlake/dicomnet/viewer/index.html" in viewer
+    assert any(n.endswith(".wasm") for n in viewer)
+    assert [n for n in viewer if re.fullmatch(r".*/viewer/app\.bundle\.[0-9a-f]+\.js", n)]
+    assert not [n for n in viewer if n.endswith(".map") or "/viewer/ort/" in n]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dicomlake = dicomlake.cli:main" in archive.read(entry_points).decode()
     package = json.loads(archive.read(LABEXT + "package.json"))
@@ -108,6 +114,20 @@ def test_a_fresh_venv_runs_the_demo_and_lists_the_extension(venv, tmp_path):
                             capture_output=True, text=True, timeout=120)
     out = listed.stdout + listed.stderr
     assert "@dicomlake/jupyterlab" in out and "enabled" in out and "OK" in out, out
+    # the installed package serves OHIF from its own files (what `serve` does at /viewer/)
+    served = subprocess.run(
+        ["python", "-c", "import json; from dicomlake.dicomnet.viewer import ViewerSite\n"
+         "site = ViewerSite('/viewer/', 'http://h/dicomweb')\n"
+         "page, config = site.respond('viewer'), site.respond('app-config.js')\n"
+         "print(json.dumps({'root': str(site.root), 'status': page.status,\n"
+         "  'type': page.content_type, 'mounted': b'/viewer/app.bundle.' in page.body,\n"
+         "  'ours': b'http://h/dicomweb' in config.body}))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0, served.stderr
+    doc = json.loads(served.stdout)
+    assert doc["root"].startswith(str(venv)), doc  # the wheel's copy, not this checkout's
+    assert doc["status"] == 200 and doc["type"].startswith("text/html"), doc
+    assert doc["mounted"] and doc["ours"], doc
 
 
 def test_a_regular_install_ingests_from_the_repository_root(venv, tmp_path):
