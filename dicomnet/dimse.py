@@ -311,7 +311,10 @@ class DimseServer:
         self._deid_checked = -float("inf")
 
     deid_check_seconds = 5.0
-    """How stale an analyst's C-FIND may be behind the raw tables (the twins' refresh)."""
+    """How stale an analyst's C-FIND may be behind the raw tables: the twins are refreshed
+    by an analyst's C-FIND at most this often (rows the stream job writes reach analysts
+    this way; the job itself never refreshes the twins), and at once after each batch
+    ingest of received instances."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -578,8 +581,9 @@ class DimseServer:
         return catalog_index(self.settings, role)
 
     def _refresh_deidentified(self, *, force: bool = False) -> None:
-        """Bring the ``dicom_deid`` twins up to date (at most every few seconds unless
-        ``force``): analysts are answered from them, and the batch ingest writes raw tables."""
+        """Bring the ``dicom_deid`` twins up to date (at most every
+        :attr:`deid_check_seconds` unless ``force``): analysts are answered from them, and
+        the batch ingest and the stream job write only the raw tables."""
         from dicomlake.catalog.deid import refresh
 
         with self._deid_lock:
