@@ -212,7 +212,12 @@ class DimseIntake:
         with self._lock:
             uploaders, self._uploaders = list(self._uploaders.values()), {}
         for up in uploaders:
-            up.close()
+            try:
+                up.close()
+            except Exception as exc:  # records the broker never confirmed were refused
+                log.warning("DIMSE: the upload stream producer did not close cleanly "
+                            "(%s: %s); its unconfirmed records were never acknowledged",
+                            type(exc).__name__, exc)
 
     def idle(self) -> bool:
         """True when no upload is queued or running."""

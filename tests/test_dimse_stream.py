@@ -8,6 +8,7 @@ One stream serves the module (~40 s and 1 GiB to start); the tests run in file o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -177,3 +178,42 @@ def test_storescu_through_the_stream_becomes_rows_and_c_find_finds_them(node, tm
         "an analyst's C-FIND never found the streamed study", node.deid_check_seconds + 30)
     assert len(seen) == 1
     assert str(seen[0].PatientID).startswith("anon-") and seen[0].StudyInstanceUID != STUDY
+
+
+def test_no_success_without_the_brokers_confirmation(node, tmp_path):
+    """A broker that stops answering mid-association: the next instance is refused with
+    0x0110 (the peer keeps it and may retry), never acknowledged."""
+    from kafka.errors import KafkaTimeoutError
+
+    from dicomlake.dicomnet.intake import (
+        STATUS_PROCESSING_FAILURE,
+        DimseIntake,
+        Intake,
+        StoreError,
+    )
+    from dicomlake.streaming.broker import EmbeddedBroker, ensure_topics
+    from dicomlake.streaming.producer import Uploader
+    from dicomlake.streaming.settings import load_stream
+
+    state = tmp_path / "second-broker"
+    state.mkdir()
+    broker = EmbeddedBroker.start(state)
+    try:
+        ensure_topics(broker.bootstrap, load_stream(node.settings))
+        uploader = Uploader(node.settings, bootstrap=broker.bootstrap, timeout_s=3)
+        try:
+            intake = Intake("20261130T000000-CT1-00000000", "stream", "test",
+                            uploader=uploader)
+            service = DimseIntake(node.settings, confirm_timeout_s=3)  # the service's, shorter
+            first, second = make_dicom(), make_dicom()
+            assert service.store(intake, _uid(first), first).startswith("dimse/")
+            broker.stop(state)
+            with pytest.raises(StoreError, match="did not confirm") as refused:
+                service.store(intake, _uid(second), second)
+            assert refused.value.status == STATUS_PROCESSING_FAILURE
+            assert [n.rsplit("/", 1)[1] for n in intake.names] == [f"{_uid(first)}.dcm"]
+        finally:
+            with contextlib.suppress(KafkaTimeoutError):  # the unconfirmed record stays
+                uploader.close()
+    finally:
+        broker.stop(state)
