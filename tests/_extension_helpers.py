@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -25,6 +29,48 @@ from dicomlake.processes import stop_processes
 SQL_USER, SQL_PASSWORD = "lab", "lab password 1"
 ADMIN_USER, ADMIN_PASSWORD = "root", "root password 1"
 BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "extension"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+@contextmanager
+def chromium_page(console_log: Path | None = None, **context_options: Any) -> Iterator[Any]:
+    """A Playwright page in Debian's Chromium (the test tools' own browser downloads fail
+    here), 1600x1000, 3-minute timeouts; the console goes to ``console_log`` at the end."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}; run `make debian-tools`")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        context = browser.new_context(viewport={"width": 1600, "height": 1000},
+                                      **context_options)
+        page = context.new_page()
+        page.set_default_timeout(180_000)
+        messages: list[str] = []
+        page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
+        try:
+            yield page
+        finally:
+            if console_log is not None:
+                console_log.parent.mkdir(parents=True, exist_ok=True)
+                console_log.write_text("\n".join(messages))
+            context.close()
+            browser.close()
+
+
+@contextmanager
+def lab_page(servers: LabServers, console_log: Path | None = None) -> Iterator[Any]:
+    """JupyterLab opened in Chromium on a reset workspace (the lab server outlives a test
+    module; panels an earlier module left open must not be restored, hidden, behind this
+    module's), its main dock panel shown."""
+    with chromium_page(console_log) as page:
+        page.goto(f"{servers.lab_url}/lab?reset&token={servers.token}")
+        page.wait_for_selector("#jp-main-dock-panel")
+        yield page
 
 
 @dataclass

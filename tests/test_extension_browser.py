@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
-from _extension_helpers import lab_servers
+from _extension_helpers import ARTIFACTS, lab_page, lab_servers
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "extension"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
-
 
 @pytest.fixture(scope="module")
 def servers(request, spark, settings, sample_archives, tmp_path_factory):
@@ -34,25 +26,9 @@ def servers(request, spark, settings, sample_archives, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(servers, tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}; run `make chromium`")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        context = browser.new_context(viewport={"width": 1600, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(180_000)
-        messages: list[str] = []
-        page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
-        page.goto(f"{servers.lab_url}/lab?token={servers.token}")
-        page.wait_for_selector("#jp-main-dock-panel")
+def page(servers):
+    with lab_page(servers, ARTIFACTS / "console.log") as page:
         yield page
-        (ARTIFACTS / "console.log").write_text("\n".join(messages))
-        context.close()
-        browser.close()
 
 
 def shot(page, name: str) -> None:

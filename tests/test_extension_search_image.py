@@ -7,13 +7,11 @@ saved on the server; screenshots land in ``test-artifacts/extension/``."""
 from __future__ import annotations
 
 import io
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from _extension_helpers import ADMIN_PASSWORD, ADMIN_USER, lab_servers
+from _extension_helpers import ADMIN_PASSWORD, ADMIN_USER, ARTIFACTS, lab_page, lab_servers
 from _knn_helpers import is_source
 from _sql_helpers import connect
 from PIL import Image
@@ -21,12 +19,6 @@ from PIL import Image
 from dicomlake.udfs.pixels import load_frames, read_bytes, to_uint8
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "extension"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
-
 
 @pytest.fixture(scope="module")
 def servers(request, spark, settings, sample_archives, tmp_path_factory):
@@ -124,21 +116,8 @@ def test_garbage_is_refused_naming_its_first_bytes(servers):
 
 @pytest.fixture(scope="module")
 def page(servers):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}; run `make chromium`")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        context = browser.new_context(viewport={"width": 1600, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(180_000)
-        page.goto(f"{servers.lab_url}/lab?token={servers.token}")
-        page.wait_for_selector("#jp-main-dock-panel")
+    with lab_page(servers) as page:
         yield page
-        context.close()
-        browser.close()
 
 
 def test_browser_search_by_image_shows_neighbours(page, servers, lake_paths, a_ct_path,
