@@ -19,7 +19,7 @@ import struct
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -55,11 +55,19 @@ class NotAcceptable(DicomlakeError, ValueError):
 
 
 class MemberCache:
-    """The bytes of the last few instances read (a series is fetched frame by frame)."""
+    """The bytes of the instances read last, up to ``max_bytes`` in all.
 
-    def __init__(self, size: int = 16) -> None:
-        self.size = size
+    A viewer fetches a series frame by frame, one request each, and scrolls back and forth:
+    each member is read whole (a deflated member cannot be entered in the middle), so it
+    is kept for the frames and passes that follow. The budget is in bytes, not members: a
+    count of 16 made every request of a 40-image series miss (each image read and inflated
+    again per frame).
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def read(self, path: str) -> bytes:
@@ -72,10 +80,14 @@ class MemberCache:
         from dicomlake.catalog.archives import read_input
 
         data = read_input(path)
+        if len(data) > self.max_bytes:
+            return data
         with self._lock:
-            self._items[path] = data
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            if path not in self._items:
+                self._items[path] = data
+                self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._items.popitem(last=False)[1])
         return data
 
 
@@ -180,9 +192,10 @@ def _pixel_value(data: bytes, ref: InstanceRef) -> tuple[bytes | memoryview, boo
 
 
 def frame_bytes(data: bytes, ref: InstanceRef, numbers: Iterable[int], syntax: str,
-                ) -> list[bytes]:
+                ) -> Sequence[bytes | memoryview]:
     """The requested frames (1-based) of one instance's bytes, in ``syntax`` (the stored
-    one, or Explicit VR Little Endian).
+    one, or Explicit VR Little Endian). Uncompressed frames are views into ``data``, not
+    copies (the response is assembled from them once).
 
     Raises:
         IndexError: a frame number the instance does not have.
@@ -196,7 +209,7 @@ def frame_bytes(data: bytes, ref: InstanceRef, numbers: Iterable[int], syntax: s
     if stored in _NATIVE_LE and ref.pixel_data_offset is not None:
         value, _ = _pixel_value(data, ref)
         size = _frame_size(ref)
-        return [bytes(value[(n - 1) * size:n * size]) for n in numbers]
+        return [value[(n - 1) * size:n * size] for n in numbers]
     if syntax == stored and ref.pixel_data_offset is not None:
         from pydicom.encaps import generate_frames
 
@@ -228,7 +241,7 @@ def _decoded_frames(data: bytes, ref: InstanceRef, numbers: list[int]) -> list[b
             for n in numbers]
 
 
-def multipart(parts: list[tuple[bytes, str]], kind: str,
+def multipart(parts: Sequence[tuple[bytes | memoryview, str]], kind: str,
               extra: str = "") -> tuple[bytes, str]:
     """A multipart/related body and its Content-Type (``kind``: the parts' type)."""
     boundary = uuid.uuid4().hex

@@ -256,3 +256,29 @@ def test_refusals_are_audited(server):
     assert any("StudyDate" in m and status == 400 for m, status in refusals)
     assert any(status == 403 for _, status in refusals)  # the analyst's STOW
     assert answered > 0
+
+
+def test_member_cache_keeps_a_whole_series_by_bytes(tmp_path):
+    """A viewer walks a series frame by frame and back: a 40-image series must stay cached
+    (a cache of 16 members missed on every request), and the byte budget is what evicts."""
+    import zipfile
+
+    from dicomlake.catalog.archives import MEMBER_SEPARATOR
+    from dicomlake.dicomnet.wado import MemberCache
+
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n in range(40):
+            zf.writestr(f"IM{n:03d}", bytes([n]) * 1000)
+    paths = [f"{archive}{MEMBER_SEPARATOR}IM{n:03d}" for n in range(40)]
+    cache = MemberCache(max_bytes=40_000)
+    first = [cache.read(p) for p in paths]
+    assert [cache.read(p) for p in paths] == first
+    assert all(a is b for a, b in zip(first, [cache.read(p) for p in paths], strict=True))
+    small = MemberCache(max_bytes=2_500)
+    a, b = small.read(paths[0]), small.read(paths[1])
+    assert small.read(paths[0]) is a and small.read(paths[1]) is b
+    small.read(paths[2])  # 3,000 bytes > 2,500: the least recently used (IM000) goes
+    assert small.read(paths[1]) is b
+    again = small.read(paths[0])
+    assert again == a and again is not a
