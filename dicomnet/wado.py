@@ -158,7 +158,9 @@ def _accept_entries(accept: str | None) -> list[tuple[str, dict[str, str]]]:
 
 
 def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    out, current, quoted = [], [], False
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
     for ch in text:
         if ch == '"':
             quoted = not quoted
@@ -245,7 +247,7 @@ def multipart(parts: Sequence[tuple[bytes | memoryview, str]], kind: str,
               extra: str = "") -> tuple[bytes, str]:
     """A multipart/related body and its Content-Type (``kind``: the parts' type)."""
     boundary = uuid.uuid4().hex
-    chunks = []
+    chunks: list[bytes | memoryview] = []
     for body, content_type in parts:
         chunks.append(f"--{boundary}\r\nContent-Type: {content_type}\r\nContent-Length: "
                       f"{len(body)}\r\n\r\n".encode())
