@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
@@ -267,9 +267,11 @@ class _FindRequest:
 
     def run(self, index: CatalogIndex, limit: int) -> list[dict[str, Any]]:
         """The matches as DICOM JSON (at most ``limit``)."""
-        search = {Level.STUDY: index.studies, Level.SERIES: index.series,
-                  Level.INSTANCE: index.instances}[self.level]
-        return search(self.query, limit=limit, include=self.returned)
+        if self.level is Level.STUDY:
+            return index.studies(self.query, limit=limit, include=self.returned)
+        if self.level is Level.SERIES:
+            return index.series(self.query, limit=limit, include=self.returned)
+        return index.instances(self.query, limit=limit, include=self.returned)
 
     def answer(self, found: Mapping[str, Any]) -> Dataset:
         """One pending response: every requested key (empty when the match has no value)
@@ -357,14 +359,16 @@ class DimseServer:
         ]
         self.intake.start()
         try:
-            self._server = ae.make_server((self.config.host, self.config.port),
-                                          evt_handlers=handlers,  # type: ignore[arg-type]
-                                          server_class=_NoDelayServer)
+            server = ae.make_server((self.config.host, self.config.port),
+                                    evt_handlers=handlers,  # type: ignore[arg-type]
+                                    server_class=_NoDelayServer)
         except OSError as exc:
             self.intake.stop(wait=False)
             raise OSError(f"DIMSE cannot listen on {self.config.host}:{self.config.port}: "
                           f"{exc.strerror or exc}") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever,
+        assert isinstance(server, _NoDelayServer)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever,
                                         name="dimse-acceptor", daemon=True)
         self._thread.start()
         host, port = self.address
@@ -379,6 +383,7 @@ class DimseServer:
 
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
@@ -490,7 +495,7 @@ class DimseServer:
         began = dt.datetime.now(dt.UTC)
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)
-        sop_instance = str(request.AffectedSOPInstanceUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
         what = f"C-STORE {sop_class} {sop_instance}"
         try:
             data = event.encoded_dataset(include_meta=True)
@@ -521,7 +526,7 @@ class DimseServer:
         answer.ErrorComment = _comment(message)
         return answer
 
-    def _on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
+    def _on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Answer a C-FIND from the role's catalog index (the engine QIDO-RS uses).
 
         Keys with a value are matched (DICOM matching: wild cards, ranges, UID lists);
