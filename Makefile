@@ -11,6 +11,9 @@ SECOND_PYTHON ?= $(firstword $(shell command -v python3.13 >/dev/null 2>&1 && \
 	python3.13 -c 'import sys; print(sys.executable)' 2>/dev/null) \
 	$(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
 SECOND_VENV := .venv-second
+OHIF_VERSION := 3.13.2
+OHIF_DIR := dicomnet/viewer
+OHIF_STAMP := $(OHIF_DIR)/.ohif-$(OHIF_VERSION)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -47,9 +50,6 @@ $(VENV)/.labextension: $(VENV)/.installed package.json package-lock.json tsconfi
 # @ohif/app build from npm, its dist/ unpacked into the package (the wheel carries it)
 # without source maps (38 MB) and without ort/ (108 MB of onnxruntime-web for OHIF's AI
 # segmentation tools, which we do not offer)
-OHIF_VERSION := 3.13.2
-OHIF_DIR := dicomnet/viewer
-OHIF_STAMP := $(OHIF_DIR)/.ohif-$(OHIF_VERSION)
 $(OHIF_STAMP):
 	rm -rf $(OHIF_DIR) build/ohif && mkdir -p $(OHIF_DIR) build/ohif
 	cd build/ohif && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
