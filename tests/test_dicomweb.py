@@ -193,6 +193,29 @@ def test_analyst_sees_no_identifying_values(server, raw):
     assert hidden.status_code == 404  # a raw UID names nothing in the analyst's view
 
 
+def test_an_analysts_search_is_no_oracle_for_raw_identifiers(server, raw):
+    """An attacker who knows a patient's real ID, name, accession number or UIDs cannot learn
+    from an analyst's QIDO-RS whether that patient is in the lake: matching runs over the
+    de-identified values only, so every such probe (exact, wildcard, fuzzy) finds nothing,
+    at every level, while the same probes as a clinician find the patient."""
+    a, doc = client(server, "ana"), client(server, "doc")
+    row = next(r for r in raw if r["patient_id"] and r["patient_name"])
+    family = str(row["patient_name"]).split("^")[0]
+    study = [{"PatientID": row["patient_id"]}, {"PatientID": f"{row['patient_id'][:-1]}*"},
+             {"PatientName": f"{family}*"}, {"StudyInstanceUID": row["study_instance_uid"]}]
+    if row["accession_number"]:
+        study.append({"AccessionNumber": row["accession_number"]})
+    series = [*study, {"SeriesInstanceUID": row["series_instance_uid"]}]
+    instances = [*series, {"SOPInstanceUID": row["sop_instance_uid"]}]
+    for search, probes in (("search_for_studies", study), ("search_for_series", series),
+                           ("search_for_instances", instances)):
+        for probe in probes:
+            assert getattr(doc, search)(search_filters=probe), (search, probe)
+            assert getattr(a, search)(search_filters=probe) == [], (search, probe)
+    assert a.search_for_studies(search_filters={"PatientName": family[:3]},
+                                fuzzymatching=True) == []
+
+
 def _held_out_file(raw: list[dict], burned_in: bool) -> bytes:
     row = _uncompressed_ct(raw)
     ds = pydicom.dcmread(io.BytesIO(read_input(row["path"])))
