@@ -6,14 +6,13 @@ and an audit record while the association goes on."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import struct
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from _dimse_helpers import findscu, run_dcmtk
 from click.testing import CliRunner
 from dicom_files import make_dicom, shipped
 
@@ -156,11 +155,6 @@ def node(tmp_path_factory):
         server.shutdown()
 
 
-def _run(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env={**os.environ, "TCP_NODELAY": "1"}, check=False)
-
-
 def _table(path: Path):
     from deltalake import DeltaTable
 
@@ -195,26 +189,13 @@ def held_out(tmp_path_factory) -> dict[str, bytes]:
     return {"folder": folder, **files}  # type: ignore[dict-item]
 
 
-def _find(server: DimseServer, calling: str, keys: list[str], out: Path) -> list:
-    """findscu (Study Root) with ``keys``; the responses it extracted, read by pydicom."""
-    from pydicom import dcmread
-
-    out.mkdir(parents=True, exist_ok=True)
-    host, port = server.address
-    args = [a for k in keys for a in ("-k", k)]
-    done = _run("findscu", "-S", "-aec", server.config.ae_title, "-aet", calling, "-X",
-                "-od", str(out), *args, host, str(port))
-    assert done.returncode == 0, done.stderr
-    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
-
-
 @pytest.mark.slow
 @needs_dcmtk
 def test_echoscu(node):
     host, port = node.address
-    done = _run("echoscu", "-aec", node.config.ae_title, host, str(port))
+    done = run_dcmtk("echoscu", "-aec", node.config.ae_title, host, str(port))
     assert done.returncode == 0, done.stderr
-    wrong = _run("echoscu", "-aec", "SOMEONE_ELSE", host, str(port))
+    wrong = run_dcmtk("echoscu", "-aec", "SOMEONE_ELSE", host, str(port))
     assert wrong.returncode != 0  # the called AE title must be ours
     events = [(r["event"], r["state"]) for r in _audit(node)]
     assert ("dimse_echo", "FINISHED") in events
@@ -227,7 +208,7 @@ def test_storescu_folder_becomes_searchable(node, held_out, tmp_path):
     from dicomlake.catalog.warehouse import Warehouse
 
     host, port = node.address
-    done = _run("storescu", "-aec", node.config.ae_title, "-aet", "MODALITY", "+sd",
+    done = run_dcmtk("storescu", "-aec", node.config.ae_title, "-aet", "MODALITY", "+sd",
                 host, str(port), str(held_out["folder"]))
     assert done.returncode == 0, done.stderr
     _wait_idle(node)
@@ -256,26 +237,26 @@ def test_storescu_folder_becomes_searchable(node, held_out, tmp_path):
                for r in audit)
 
     # C-FIND, trusted peer: study level by PatientID, then the study's series
-    studies = _find(node, "PACS", ["QueryRetrieveLevel=STUDY", f"PatientID={PATIENT}",
+    studies = findscu(node, "PACS", ["QueryRetrieveLevel=STUDY", f"PatientID={PATIENT}",
                                    "StudyInstanceUID", "PatientName",
                                    "NumberOfStudyRelatedInstances"], tmp_path / "a")
     assert [(s.StudyInstanceUID, str(s.PatientName), int(s.NumberOfStudyRelatedInstances))
             for s in studies] == [(STUDY, "Lake^Dimse", 3)]
     assert "ModalitiesInStudy" not in studies[0]  # only the keys asked for
-    series = _find(node, "PACS", ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={STUDY}",
+    series = findscu(node, "PACS", ["QueryRetrieveLevel=SERIES", f"StudyInstanceUID={STUDY}",
                                   "SeriesInstanceUID", "Modality", "SeriesDescription",
                                   "NumberOfSeriesRelatedInstances"], tmp_path / "b")
     assert [(s.SeriesInstanceUID, s.Modality, s.SeriesDescription,
              int(s.NumberOfSeriesRelatedInstances)) for s in series] == [
         (f"{STUDY}.1", "CT", "pushed", 3)]
-    images = _find(node, "PACS", ["QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={STUDY}.1",
+    images = findscu(node, "PACS", ["QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={STUDY}.1",
                                   "SOPInstanceUID", "InstanceNumber"], tmp_path / "c")
     assert sorted(int(i.InstanceNumber) for i in images) == [1, 2, 3]
 
     # an untrusted peer: the de-identified view, the real identifiers match nothing
-    assert _find(node, "MODALITY", ["QueryRetrieveLevel=STUDY", f"PatientID={PATIENT}",
+    assert findscu(node, "MODALITY", ["QueryRetrieveLevel=STUDY", f"PatientID={PATIENT}",
                                     "StudyInstanceUID"], tmp_path / "d") == []
-    seen = _find(node, "MODALITY", ["QueryRetrieveLevel=STUDY", "PatientID", "PatientName",
+    seen = findscu(node, "MODALITY", ["QueryRetrieveLevel=STUDY", "PatientID", "PatientName",
                                     "StudyInstanceUID", "NumberOfStudyRelatedInstances"],
                  tmp_path / "e")
     assert len(seen) == 3  # our study, CT_small's and MR_small's
@@ -304,7 +285,7 @@ def test_refused_instances_are_reported_audited_and_the_association_goes_on(node
     (folder / "a-no-study.dcm").write_bytes(make_dicom(StudyInstanceUID=""))
     (folder / "b-good.dcm").write_bytes(make_dicom(StudyInstanceUID=STUDY + ".9"))
     host, port = node.address
-    done = _run("storescu", "-v", "-nh", "-aec", node.config.ae_title, "-aet", "BROKENSCU",
+    done = run_dcmtk("storescu", "-v", "-nh", "-aec", node.config.ae_title, "-aet", "BROKENSCU",
                 "+sd", host, str(port), str(folder))
     responses = [line for line in done.stderr.splitlines() if "Store Response" in line]
     assert responses == ["I: Received Store Response (Error: DataSetDoesNotMatchSOPClass)",

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from _dimse_helpers import findscu, run_dcmtk
 from dicom_files import make_dicom
 
 from dicomlake.config import Settings
@@ -57,11 +56,6 @@ def node(tmp_path_factory):
         runner.stop(settings)
 
 
-def _run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "TCP_NODELAY": "1"})
-
-
 def _uid(data: bytes) -> str:
     from pydicom import dcmread
 
@@ -96,20 +90,6 @@ def _topic_names(settings: Settings) -> dict[str, bytes]:
         consumer.close()
 
 
-def _find(server: DimseServer, calling: str, keys: list[str], out: Path) -> list:
-    from pydicom import dcmread
-
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("rsp*.dcm"):
-        old.unlink()
-    host, port = server.address
-    args = [a for k in keys for a in ("-k", k)]
-    done = _run("findscu", "-S", "-aec", server.config.ae_title, "-aet", calling, "-X",
-                "-od", str(out), *args, host, str(port))
-    assert done.returncode == 0, done.stderr
-    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
-
-
 def _poll(condition, what: str, timeout: float):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -130,7 +110,7 @@ def test_storescu_through_the_stream_becomes_rows_and_c_find_finds_them(node, tm
         (folder / f"{i}.dcm").write_bytes(data)
         sent[_uid(data)] = data
     host, port = node.address
-    done = _run("storescu", "-aec", node.config.ae_title, "-aet", "MODALITY", "+sd",
+    done = run_dcmtk("storescu", "-aec", node.config.ae_title, "-aet", "MODALITY", "+sd",
                 host, str(port), str(folder))
     assert done.returncode == 0, done.stderr
 
@@ -162,7 +142,7 @@ def test_storescu_through_the_stream_becomes_rows_and_c_find_finds_them(node, tm
     _poll(landed, "the pushed instances never reached dicom.instances", 240)
 
     # C-FIND finds them: a trusted peer by the real identifiers...
-    studies = _poll(lambda: _find(node, "PACS", ["QueryRetrieveLevel=STUDY",
+    studies = _poll(lambda: findscu(node, "PACS", ["QueryRetrieveLevel=STUDY",
                                                  f"PatientID={PATIENT}", "StudyInstanceUID",
                                                  "NumberOfStudyRelatedInstances"],
                                   tmp_path / "a"),
@@ -171,7 +151,7 @@ def test_storescu_through_the_stream_becomes_rows_and_c_find_finds_them(node, tm
         (STUDY, 3)]
     # ...and any other peer in the de-identified view, which the stream's rows reach too
     # (the twins are refreshed by an analyst's C-FIND, at most deid_check_seconds stale)
-    seen = _poll(lambda: [s for s in _find(node, "MODALITY", [
+    seen = _poll(lambda: [s for s in findscu(node, "MODALITY", [
         "QueryRetrieveLevel=STUDY", "PatientID", "StudyInstanceUID",
         "NumberOfStudyRelatedInstances"], tmp_path / "b")
         if int(s.NumberOfStudyRelatedInstances) == 3],
