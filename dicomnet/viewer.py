@@ -84,8 +84,10 @@ def app_config(mount: str, dicomweb_root: str) -> bytes:
     What our DICOMweb service supports decides each switch: QIDO accepts ``includefield``
     (one comma-separated list too) and fuzzy name matching; frames come from WADO-RS
     (``wadors``) and thumbnails from the instance ``/thumbnail`` resource; there is no
-    static-WADO layout. The investigational-use dialog is off (it would cover the study
-    list on every first visit of a lab panel).
+    static-WADO layout. The investigational-use dialog and the onboarding tours (the
+    ``ohif.tours`` customization, replaced by none at global scope) are off: each would cover
+    the study list or the first image on every first visit of a lab panel, whose browser
+    storage is often fresh.
     """
     source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
@@ -114,7 +116,7 @@ def app_config(mount: str, dicomweb_root: str) -> bytes:
         "routerBasename": mount.rstrip("/") or "/",
         "extensions": [],
         "modes": [],
-        "customizationService": {},
+        "customizationService": {"ohif.tours": {"$set": []}},
         "showStudyList": True,
         "maxNumberOfWebWorkers": 3,
         "showWarningMessageForCrossOrigin": False,

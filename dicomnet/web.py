@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from dicomlake.dicomnet.stow import Stower
     from dicomlake.sql.users import Principal
 
-__all__ = ["CORS_HEADERS", "PREFIX", "DicomWeb", "Response"]
+__all__ = ["CORS_HEADERS", "PREFIX", "DicomWeb", "Response", "route_of"]
 
 PREFIX = "/dicomweb"
 """Where the DICOMweb root is on the server (QIDO, WADO and STOW share it)."""
@@ -54,7 +54,12 @@ CORS_HEADERS: list[tuple[str, str]] = [
 """Viewers served from another origin may call us (credentials travel as an explicit
 Authorization header, never as cookies, so ``*`` is safe)."""
 
-_UID = r"([0-9.]{1,64})"
+_UID = r"((?=[0-9.]{1,64}(?:/|$))\.*[0-9][0-9.]*)"
+"""A UID path segment: digits and dots, at most 64 characters (PS3.5 9.1), with at least one
+digit, so ``.`` and ``..`` are never UIDs and no route can name a parent path (a real file's
+malformed UID, such as one with a trailing dot, stays reachable). Written so that a path
+matches one way only: an ambiguous form (``[0-9.]*[0-9][0-9.]*``) backtracks, and cost
+240 ms a frame request."""
 _ROUTES: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(f"^{pattern}$")) for
                                               name, pattern in (
     ("qido_studies", "/studies"),
@@ -76,6 +81,18 @@ _ROUTES: list[tuple[str, re.Pattern[str]]] = [(name, re.compile(f"^{pattern}$"))
     ("rendered", f"/studies/{_UID}/series/{_UID}/(thumbnail)"),
     ("rendered", f"/studies/{_UID}/(thumbnail)"),
 )]
+
+
+def route_of(path: str) -> tuple[str, tuple[str, ...]] | None:
+    """The DICOMweb resource a path below :data:`PREFIX` names (route name, its UIDs and
+    frame numbers), or None: the one grammar of our DICOMweb paths, which the Jupyter proxy
+    also checks before it forwards anything."""
+    for name, pattern in _ROUTES:
+        if m := pattern.match(path or "/"):
+            return name, m.groups()
+    return None
+
+
 _QIDO_CONTROLS = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 MAX_LIMIT = 10_000
 
@@ -131,18 +148,18 @@ class DicomWeb:
     def handle(self, request: Request) -> Response:
         """Answer one request (4xx errors as JSON ``{"message": ...}``)."""
         try:
-            for name, pattern in _ROUTES:
-                if m := pattern.match(request.path or "/"):
-                    if name == "qido_studies" and request.method == "POST":
-                        return self._store(request, None)
-                    if name == "retrieve" and request.method == "POST" and m.lastindex == 1:
-                        return self._store(request, m.group(1))
-                    if request.method != "GET":
-                        raise DicomWebError(405, f"{request.method} {PREFIX}{request.path} is "
-                                                 "not supported (GET; POST to /studies)")
-                    handler: Callable[[Request, tuple[str, ...]], Response] = \
-                        getattr(self, f"_{name}")
-                    return handler(request, m.groups())
+            if route := route_of(request.path):
+                name, groups = route
+                if name == "qido_studies" and request.method == "POST":
+                    return self._store(request, None)
+                if name == "retrieve" and request.method == "POST" and len(groups) == 1:
+                    return self._store(request, groups[0])
+                if request.method != "GET":
+                    raise DicomWebError(405, f"{request.method} {PREFIX}{request.path} is "
+                                             "not supported (GET; POST to /studies)")
+                handler: Callable[[Request, tuple[str, ...]], Response] = \
+                    getattr(self, f"_{name}")
+                return handler(request, groups)
             raise DicomWebError(404, f"No DICOMweb resource {PREFIX}{request.path}; see PS3.18 "
                                      "(/studies, /series, /instances, .../metadata, "
                                      ".../frames/N, .../rendered)")

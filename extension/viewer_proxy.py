@@ -14,7 +14,9 @@ only ever holds its Jupyter login; the mapped password stays on the Jupyter serv
 every other route of this extension), every request is authenticated by Jupyter first and
 then by ``dicomlake serve`` (roles, de-identification, the burned-in pixel rule and audit
 all apply unchanged, under the mapped user's name). Only ``GET`` is forwarded: the viewer
-reads; storing goes through the upload route. Bodies are passed through as received, never
+reads; storing goes through the upload route. Only paths that name a DICOMweb resource
+(:func:`~dicomlake.dicomnet.web.route_of`: no ``..``, no other endpoint of the server) are
+forwarded; anything else is refused here with 404. Bodies are passed through as received, never
 compressed (gzip cost viewers 8x their frame rate).
 """
 
@@ -28,6 +30,7 @@ from jupyter_server.utils import url_path_join
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from dicomlake.dicomnet.viewer import ViewerMissingError, ViewerSite
+from dicomlake.dicomnet.web import route_of
 from dicomlake.extension.identities import IdentityError, IdentityMap
 
 __all__ = ["DicomwebProxyHandler", "ViewerFilesHandler", "viewer_routes"]
@@ -73,6 +76,8 @@ class DicomwebProxyHandler(JupyterHandler):
 
     @tornado.web.authenticated
     async def get(self, path: str) -> None:
+        if route_of(f"/{path}") is None:
+            raise tornado.web.HTTPError(404, f"not a DICOMweb resource: /{path}")
         try:
             connection = self.identities.connection_for(_jupyter_user(self))
         except IdentityError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import time
+import zipfile
 from pathlib import Path
 
 import pydicom
@@ -28,10 +29,32 @@ from dicomlake.catalog.archives import read_input
 pytestmark = pytest.mark.slow
 
 
+MULTIFRAME = ("emri_small.dcm", "emri_small_RLE.dcm")
+"""pydicom's 10-frame MR, stored uncompressed and RLE-encapsulated (given their own UIDs here,
+as two instances of one series): frames are cut from the member at its stored offset."""
+
+
 @pytest.fixture(scope="module")
-def web_home(tmp_path_factory, spark, settings, sample_archives) -> Path:
+def multiframe_archive(tmp_path_factory) -> Path:
+    from pydicom.data import get_testdata_file
+
+    out = tmp_path_factory.mktemp("multiframe") / "multiframe.zip"
+    with zipfile.ZipFile(out, "w") as archive:
+        for number, name in enumerate(MULTIFRAME, start=1):
+            ds = pydicom.dcmread(get_testdata_file(name))
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = number
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            archive.writestr(f"mr/{name}", buffer.getvalue())
+    return out
+
+
+@pytest.fixture(scope="module")
+def web_home(tmp_path_factory, spark, settings, sample_archives, multiframe_archive) -> Path:
     return lake_with_users(tmp_path_factory.mktemp("dicomweb-home"), spark, settings,
-                           sample_archives)
+                           [*sample_archives, multiframe_archive])
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +174,30 @@ def test_metadata_instances_and_frames_equal_the_files(server, raw):
     assert Image.open(io.BytesIO(jpeg)).size == (512, 512)
 
 
-def test_multiframe_compressed_frames(server, raw):
+@pytest.mark.parametrize("name", MULTIFRAME)
+def test_multiframe_frames_equal_the_files_frames(server, raw, name):
     c = client(server, "doc")
-    row = next((r for r in raw if (r["number_of_frames"] or 1) > 1), None)
-    if row is None:
-        pytest.skip("the sample drew no multi-frame object")
+    row = next(r for r in raw if r["path"].endswith(f"mr/{name}"))
+    assert row["number_of_frames"] == 10
     original = pydicom.dcmread(io.BytesIO(read_input(row["path"])))
     frames = c.retrieve_instance_frames(row["study_instance_uid"], row["series_instance_uid"],
-                                        row["sop_instance_uid"], [2], media_types=(("*/*"),))
+                                        row["sop_instance_uid"], [2, 10],
+                                        media_types=(("*/*"),))
     if original.file_meta.TransferSyntaxUID.is_compressed:
-        assert frames[0] == list(pydicom.encaps.generate_frames(
-            original.PixelData, number_of_frames=int(original.NumberOfFrames)))[1]
+        expected = list(pydicom.encaps.generate_frames(original.PixelData,
+                                                       number_of_frames=10))
+        assert frames == [expected[1], expected[9]]
     else:
-        size = len(original.PixelData) // int(original.NumberOfFrames)
-        assert frames[0] == original.PixelData[size:2 * size]
+        size = len(original.PixelData) // 10
+        assert frames == [original.PixelData[size:2 * size], original.PixelData[9 * size:]]
+    metadata = c.retrieve_instance_metadata(row["study_instance_uid"],
+                                            row["series_instance_uid"], row["sop_instance_uid"])
+    assert metadata["00280008"]["Value"] == [10]
+    beyond = requests.get(
+        f"{server}/dicomweb/studies/{row['study_instance_uid']}/series/"
+        f"{row['series_instance_uid']}/instances/{row['sop_instance_uid']}/frames/11",
+        auth=("doc", PASSWORDS["doc"]), timeout=30)
+    assert beyond.status_code in (400, 404) and "11" in beyond.text
 
 
 def test_analyst_sees_no_identifying_values(server, raw):

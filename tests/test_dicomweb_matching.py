@@ -75,3 +75,23 @@ def test_burned_in_rule():
     assert not pixels_allowed(" yes", deidentified=True)
     assert pixels_allowed("NO", deidentified=True)
     assert pixels_allowed(None, deidentified=True)
+
+
+@pytest.mark.parametrize("path", ["/studies/../series", "/studies/./series", "/..",
+                                  "/studies/1.2/series/../metadata", "/v1/statement",
+                                  "/studies/" + "1" * 65 + "/series",
+                                  "/studies/1.2/series/3.4/instances/5.6/frames/"])
+def test_paths_outside_the_dicomweb_grammar_name_no_resource(path):
+    from dicomlake.dicomnet.web import route_of
+
+    assert route_of(path) is None
+
+
+def test_dicomweb_paths_name_their_resource_and_uids():
+    from dicomlake.dicomnet.web import route_of
+
+    assert route_of("/studies/1.2.3/series") == ("qido_series", ("1.2.3",))
+    # a real file's malformed UID (trailing dot) stays reachable
+    assert route_of("/studies/1.2./metadata") == ("metadata", ("1.2.",))
+    assert route_of("/studies/1/series/2/instances/3/frames/1,2") == (
+        "frames", ("1", "2", "3", "1,2"))

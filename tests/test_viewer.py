@@ -71,6 +71,9 @@ def test_app_config_points_ohif_at_our_dicomweb():
     assert settings["supportsFuzzyMatching"] is True
     assert settings["qidoSupportsIncludeField"] is True
     assert settings["staticWado"] is False
+    # no first-visit tour or dialog covers the study list or the first image
+    assert config["customizationService"]["ohif.tours"] == {"$set": []}
+    assert config["investigationalUseDialog"] == {"option": "never"}
 
 
 def test_app_config_is_generated_not_the_packaged_one(dist):
@@ -237,6 +240,8 @@ def test_ohif_lists_our_studies_renders_and_scrolls_a_ct_series(servers, ct_seri
         page.get_by_role("button", name="Basic Viewer").click()
         _wait_for_first_slice(page, ct_series["images"])
         assert ct_series["study_instance_uid"] in page.url
+        page.wait_for_timeout(1500)  # OHIF starts its tour up to ~0.5 s after the viewport
+        assert page.locator(".shepherd-element").count() == 0, "an onboarding tour is shown"
         _scroll_changes_slice(page, page, ct_series["images"], "02-ct")
         page.screenshot(path=str(ARTIFACTS / "03-ct-scrolled.png"))
 
@@ -267,6 +272,14 @@ def test_jupyter_proxies_dicomweb_as_the_mapped_user(servers, ct_series):
     assert len(frame.content) > 512 * 512 * 2
     page = requests.get(servers.api("viewer/viewer"), headers=servers.auth, timeout=30)
     assert 'window.PUBLIC_URL="/dicomlake/viewer/"' in page.text
+    # only DICOMweb resources pass: a dot segment (percent-encoded, so no client folds it
+    # away) or another endpoint of the server behind the proxy is refused before forwarding
+    for escape in ("studies/%2E%2E/%2E%2E/v1/info", "%2E%2E/v1/statement",
+                   f"studies/{study}/series/%2E%2E/metadata", "studies/./series"):
+        refused = requests.get(servers.api(f"dicomweb/{escape}"), headers=servers.auth,
+                               timeout=30)
+        assert refused.status_code == 404, escape
+        assert "not a DICOMweb resource" in refused.text, escape
 
 
 @pytest.mark.slow
