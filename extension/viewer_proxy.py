@@ -77,7 +77,8 @@ class DicomwebProxyHandler(JupyterHandler):
     @tornado.web.authenticated
     async def get(self, path: str) -> None:
         if route_of(f"/{path}") is None:
-            raise tornado.web.HTTPError(404, f"not a DICOMweb resource: /{path}")
+            raise tornado.web.HTTPError(404, f"not a DICOMweb resource: /{path}",
+                                        reason="not a DICOMweb resource")
         try:
             connection = self.identities.connection_for(_jupyter_user(self))
         except IdentityError as exc:
