@@ -7,6 +7,7 @@ import { Panel, Widget } from '@lumino/widgets';
 
 import { cellText, copyText, errorMessage, h, sqlName } from './dom';
 import { SqlEditor } from './editor';
+import { IResultsOpener } from './resultsToken';
 import { IDicomlakeClient, IQueryPage, IStatementError } from './tokens';
 
 /** Command IDs of the SQL sidebar. */
@@ -161,7 +162,8 @@ const childKind: { [kind: string]: 'schema' | 'table' | 'column' } = {
 export class SqlSidebar extends Panel {
   constructor(
     readonly client: IDicomlakeClient,
-    private _state: IStateDB | null
+    private _state: IStateDB | null,
+    private _results: IResultsOpener | null = null
   ) {
     super();
     this.id = 'dicomlake-sql-sidebar';
@@ -233,6 +235,20 @@ export class SqlSidebar extends Panel {
     );
 
     this._resultInfo = h('div', { className: 'jp-DicomlakeSql-resultInfo' });
+    this._openTab = h('button', { className: 'jp-DicomlakeSql-openTab jp-mod-styled', text: 'Open in tab' });
+    this._openTab.addEventListener('click', () => {
+      if (this._done) {
+        this._results?.open(this._done);
+      }
+    });
+    this._toNotebook = h('button', {
+      className: 'jp-DicomlakeSql-toNotebook jp-mod-styled',
+      text: 'Open in notebook',
+      title: 'Write a notebook cell that runs this SQL and returns a pandas DataFrame'
+    });
+    this._toNotebook.addEventListener('click', () => void this._writeNotebook());
+    this._resultActions = h('div', { className: 'jp-DicomlakeSql-resultActions' }, this._openTab, this._toNotebook);
+    this._resultActions.hidden = true;
     this._error = h('div', { className: 'jp-DicomlakeSql-error' });
     this._error.hidden = true;
     this._grid = h('div', { className: 'jp-DicomlakeSql-grid' });
@@ -255,6 +271,7 @@ export class SqlSidebar extends Panel {
           'div',
           { className: 'jp-DicomlakeSql-section jp-DicomlakeSql-results' },
           this._resultInfo,
+          this._resultActions,
           this._error,
           this._grid,
           this._pager
@@ -345,6 +362,8 @@ export class SqlSidebar extends Panel {
     this._error.hidden = true;
     this._grid.replaceChildren();
     this._pager.hidden = true;
+    this._resultActions.hidden = true;
+    this._done = null;
     this._resultInfo.textContent = 'running…';
     let page: IQueryPage | null = null;
     try {
@@ -426,6 +445,27 @@ export class SqlSidebar extends Panel {
     }
     const more = page.truncated ? ' (truncated: the sidebar keeps the first rows only)' : '';
     this._resultInfo.textContent = `${page.totalRows} rows in ${page.elapsedSeconds.toFixed(1)} s${more}`;
+    this._done = page;
+    if (this._results) {
+      // more rows than one sidebar page: the tab is where they can be read, so say so
+      const large = page.totalRows > PAGE_SIZE;
+      this._openTab.classList.toggle('jp-mod-accept', large);
+      this._openTab.title = large
+        ? `All ${page.totalRows} rows in a tab: sort, resize, copy, CSV, chart`
+        : 'The result in a tab: sort, resize, copy, CSV, chart';
+      this._resultActions.hidden = false;
+    }
+  }
+
+  private async _writeNotebook(): Promise<void> {
+    if (!this._done || !this._results) {
+      return;
+    }
+    try {
+      await this._results.toNotebook(this._done.sql);
+    } catch (error) {
+      this._showError({ message: errorMessage(error), name: 'OPEN_IN_NOTEBOOK_FAILED', type: 'EXTERNAL', line: null, column: null });
+    }
   }
 
   private _showError(error: IStatementError): void {
@@ -477,6 +517,11 @@ export class SqlSidebar extends Panel {
   private _cancelButton: HTMLButtonElement;
   private _statement: HTMLElement;
   private _resultInfo: HTMLDivElement;
+  private _resultActions: HTMLDivElement;
+  private _openTab: HTMLButtonElement;
+  private _toNotebook: HTMLButtonElement;
+  /** The last statement that finished without error: what the result buttons act on. */
+  private _done: IQueryPage | null = null;
   private _error: HTMLDivElement;
   private _grid: HTMLDivElement;
   private _pager: HTMLDivElement;
@@ -497,14 +542,15 @@ export const sidebarPlugin: JupyterFrontEndPlugin<void> = {
   description: 'SQL sidebar over the dicomlake SQL endpoint.',
   autoStart: true,
   requires: [IDicomlakeClient],
-  optional: [IStateDB, ICommandPalette],
+  optional: [IStateDB, ICommandPalette, IResultsOpener],
   activate: (
     app: JupyterFrontEnd,
     client: IDicomlakeClient,
     state: IStateDB | null,
-    palette: ICommandPalette | null
+    palette: ICommandPalette | null,
+    results: IResultsOpener | null
   ) => {
-    const sidebar = new SqlSidebar(client, state);
+    const sidebar = new SqlSidebar(client, state, results);
     app.shell.add(sidebar, 'left', { rank: 600 });
     app.commands.addCommand(CommandIDs.open, {
       label: 'SQL Sidebar',
