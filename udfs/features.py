@@ -23,7 +23,7 @@ import datetime as dt
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,12 +132,13 @@ def _rows(model: FeatureModel, images: np.ndarray,
 
 def featurize(inputs: Iterable[ImageInput], model: FeatureModel, *, batch_size: int = 32,
               workers: int | DecodePool = 0, stats: StageTimes | None = None,
-              ) -> Iterator[Features]:
+              ) -> Generator[Features, None, None]:
     """Embed every frame of every input, about ``batch_size`` frames per model call.
 
     A multi-frame instance gives one embedding row per frame; an instance whose pixels cannot
     be read or decoded gives one pixel error row. Yields whenever a batch is full, and once
-    at the end when anything is left. ``workers`` > 0 (or a started pool) decodes in other
+    at the end when anything is left; a caller that stops early closes it, which stops a
+    pool it started. ``workers`` > 0 (or a started pool) decodes in other
     processes while this one runs the model (:func:`dicomlake.udfs.decode.decode_stream`:
     same inputs, same order); ``stats`` receives the time of each stage.
     """
