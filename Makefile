@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[all,test,export]"
 	touch $@
 
-.PHONY: install demo test test-second lint typecheck debian-tools
+.PHONY: install demo test test-second lint typecheck debian-tools bench-tools
 install: $(VENV)/.installed $(VENV)/.labextension $(FLINK_VENV)/.installed debian-tools $(OHIF_STAMP)
 
 # The streaming job's own interpreter: apache-flink pins pyarrow<17 (through apache-beam),
@@ -66,6 +66,17 @@ debian-tools:
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium dcmtk; }
 
+# Orthanc with its DICOMweb plugin: the peer `bench dicomweb` (and its test) compare against,
+# run as a private instance on a loopback port. Only the test target installs it, and where
+# systemd runs, the service the package enables (ports 8042/4242 on every interface) is
+# stopped and disabled again: a user's `make demo` never gets a second DICOM server.
+bench-tools:
+	@test -x /usr/sbin/Orthanc -a -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq orthanc orthanc-dicomweb && \
+		{ ! [ -d /run/systemd/system ] || $$SUDO systemctl disable --now orthanc; }; }
+
 demo: install
 	$(BIN)/dicomlake demo
 
@@ -82,7 +93,7 @@ typecheck: install
 		ln -s $(CURDIR)/$$p build/typecheck/dicomlake/$$p; done
 	$(BIN)/mypy build/typecheck/dicomlake
 
-test: lint
+test: lint bench-tools
 	$(BIN)/pytest -m "slow or not slow" --durations=25  # everything; plain `pytest`: fast tests only
 	$(MAKE) test-second
 
