@@ -24,20 +24,23 @@ connection, as a viewer does:
 
 The peer, in the same run: where Debian's ``orthanc`` and ``orthanc-dicomweb`` are
 installed, the same ZIP members are loaded into a private Orthanc 1.10 with its DICOMweb
-plugin (:mod:`dicomlake.bench.orthanc`, which says how it is configured and why) after our
-server has stopped, and the same client code runs the same QIDO search under Orthanc's
-``/dicom-web`` root and fetches the same series' frames, one request each, stored syntax, the
-same number of times. ``orthanc_qido_p50_ms`` and ``orthanc_frames_per_second`` are its
-figures; ``qido_vs_orthanc`` and ``frames_vs_orthanc`` are ours over theirs as speed ratios,
-so above 1 means we are faster in both: ``orthanc_qido_p50_ms / qido_p50_ms`` (latency: their
-time over ours) and ``frames_per_second / orthanc_frames_per_second``. ``orthanc_version``
-names the server and plugin versions measured. Without Orthanc these keys are null and
+plugin (:mod:`dicomlake.bench.orthanc`, which says how it is configured and why) beside our
+server, and a second process running the same client code sends the same QIDO search under
+Orthanc's ``/dicom-web`` root and fetches the same series' frames, one request each, stored
+syntax, the same number of times. The two servers take turns (the searches in ten slices, the
+frames one pass over the series at a time, who goes first alternating), so a load change on
+these shared machines falls on both alike. ``orthanc_qido_p50_ms`` and
+``orthanc_frames_per_second`` are its figures; ``qido_vs_orthanc`` and ``frames_vs_orthanc``
+are ours over theirs as speed ratios, so above 1 means we are faster in both:
+``orthanc_qido_p50_ms / qido_p50_ms`` (latency: their time over ours) and
+``frames_per_second / orthanc_frames_per_second``. ``orthanc_version`` names the server and
+plugin versions measured. Without Orthanc these keys are null and
 ``orthanc`` says why; nothing is estimated.
 
 Both servers' answers are checked on the warm-up round before anything is timed: the search
-must return the lake's first 25 studies (``qido_studies_returned``: fewer only when the lake
-holds fewer) and every frame response must be one part of exactly rows x columns x samples x
-bytes-per-sample bytes, so a broken setup fails the bench instead of timing error pages.
+must return 25 studies (``qido_studies_returned``: fewer only when the lake holds fewer) and
+every frame response must be one part of exactly rows x columns x samples x bytes-per-sample
+bytes, so a broken setup fails the bench instead of timing error pages.
 
 ``load_average`` is the machine's 1-minute load when the run ends (rates only compare
 within one run on these shared machines).
@@ -45,6 +48,7 @@ within one run on these shared machines).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -54,7 +58,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,7 @@ QIDO_SEARCH = f"/studies?StudyDate=19000101-&limit={QIDO_LIMIT}"
 """The 25-study search, under a server's DICOMweb root."""
 OURS_ROOT = "/dicomweb"
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+_QIDO_SLICES = 10
 ORTHANC_KEYS = ("orthanc_qido_p50_ms", "orthanc_frames_per_second", "qido_vs_orthanc",
                 "frames_vs_orthanc", "orthanc_version")
 """Present in every result; null (with ``orthanc`` giving the reason) without Orthanc."""
@@ -189,38 +194,62 @@ def run(*, instances: int = 2000, qido_queries: int = 200, min_frames: int = 300
             UserStore(home).add("bench", _PASSWORD, Role.CLINICIAN)
             server = SqlServer(settings, ServerConfig(port=0), spark).start().serve_in_thread()
             try:
-                result, work = _measure(server, settings, home, qido_queries, min_frames)
+                result = _measure(server, settings, home, archives, qido_queries, min_frames)
             finally:
                 server.shutdown(stop_spark=False)
         finally:
             spark.stop()  # the DIMSE ingest runs its own Spark child: one at a time
-        result.update(compare_with_orthanc(
-            qido_p50_ms=result["qido_p50_ms"], frames_per_second=result["frames_per_second"],
-            theirs=_measure_orthanc(archives, work, qido_queries)))
         result.update(_measure_cstore(settings, home, cstore_files))
         result["load_average"] = os.getloadavg()[0]
         return result
 
 
-def _timed_dicomweb(client: _Client, root: str, work: _Workload,
-                    qido_queries: int) -> tuple[list[float], int, float]:
-    """The QIDO timings, the frames fetched and their seconds, from one server whose
-    DICOMweb root is ``root``: the same requests in the same order for every server."""
-    search = root + QIDO_SEARCH
-    urls = [root + p for p in work.frame_paths]
-    client.ask([search] * 20, "application/dicom+json", min_bytes=2,  # warm-up
-               entries=work.qido_studies)
-    qido = client.ask([search] * qido_queries, "application/dicom+json", min_bytes=2)
-    # warm-up: the OS page cache, not our cache; and the check of every frame's size
-    client.ask(urls, FRAME_ACCEPT, min_bytes=min(work.frame_bytes),
-               part_bytes=work.frame_bytes)
-    started = time.perf_counter()
-    frames = client.ask(urls * work.rounds, FRAME_ACCEPT, min_bytes=min(work.frame_bytes))
-    return qido, len(frames), time.perf_counter() - started
+@dataclass
+class _Timings:
+    """One server's measured requests: each search's seconds, frames fetched, their seconds."""
+
+    qido: list[float] = field(default_factory=list)
+    frames: int = 0
+    frame_seconds: float = 0.0
 
 
-def _measure(server: Any, settings: Any, home: Path, qido_queries: int,
-             min_frames: int) -> tuple[dict[str, Any], _Workload]:
+def _timed_dicomweb(targets: list[tuple[_Client, str]], work: _Workload,
+                    qido_queries: int) -> list[_Timings]:
+    """The same requests to every server (a client and its DICOMweb root), taking turns: the
+    searches in slices and the frames one pass over the series at a time, the first server
+    changing every turn, so a load change on this shared machine falls on all alike."""
+    timings = [_Timings() for _ in targets]
+    for client, root in targets:  # warm-ups, which also check the answers
+        client.ask([root + QIDO_SEARCH] * 20, "application/dicom+json", min_bytes=2,
+                   entries=work.qido_studies)
+        # the OS page cache, not a server's cache; and every frame's exact size
+        client.ask([root + p for p in work.frame_paths], FRAME_ACCEPT,
+                   min_bytes=min(work.frame_bytes), part_bytes=work.frame_bytes)
+    slices = [qido_queries // _QIDO_SLICES + (n < qido_queries % _QIDO_SLICES)
+              for n in range(_QIDO_SLICES)]
+    for turn, count in enumerate(slices):
+        for k in _turn_order(turn, len(targets)):
+            client, root = targets[k]
+            timings[k].qido += client.ask([root + QIDO_SEARCH] * count,
+                                          "application/dicom+json", min_bytes=2)
+    for turn in range(work.rounds):
+        for k in _turn_order(turn, len(targets)):
+            client, root = targets[k]
+            started = time.perf_counter()
+            timings[k].frames += len(client.ask([root + p for p in work.frame_paths],
+                                                FRAME_ACCEPT, min_bytes=min(work.frame_bytes)))
+            timings[k].frame_seconds += time.perf_counter() - started
+    return timings
+
+
+def _turn_order(turn: int, count: int) -> list[int]:
+    return [(turn + k) % count for k in range(count)]
+
+
+def _measure(server: Any, settings: Any, home: Path, archives: list[Path], qido_queries: int,
+             min_frames: int) -> dict[str, object]:
+    """Our server's figures (and Orthanc's, with the ratios, or the reason it is absent)."""
+    from dicomlake.bench.orthanc import DICOMWEB_ROOT, OrthancServer, find_orthanc
     from dicomlake.dicomnet.index import catalog_index
     from dicomlake.sql.users import Role
 
@@ -241,55 +270,61 @@ def _measure(server: Any, settings: Any, home: Path, qido_queries: int,
         rounds=-(-min_frames // len(refs)),
         qido_studies=min(QIDO_LIMIT, len(index.studies({}))),
         instances=len(index.instances({})))
-    with _Client(server.url, "bench", _PASSWORD) as client:
-        qido, frames, frames_elapsed = _timed_dicomweb(client, OURS_ROOT, work, qido_queries)
-    file_rate = _file_read_rate([r.path for r in refs], home / "extracted", frames)
-    rate = frames / frames_elapsed
-    return {
+    install = find_orthanc()
+    with contextlib.ExitStack() as stack:
+        targets = [(stack.enter_context(_Client(server.url, "bench", _PASSWORD)), OURS_ROOT)]
+        if not isinstance(install, str):
+            orthanc = stack.enter_context(OrthancServer(install))
+            version = _load_orthanc(orthanc, archives, work)
+            targets.append((stack.enter_context(_Client(orthanc.url)), DICOMWEB_ROOT))
+        timings = _timed_dicomweb(targets, work, qido_queries)
+    ours = timings[0]
+    file_rate = _file_read_rate([r.path for r in refs], home / "extracted", ours.frames)
+    rate = ours.frames / ours.frame_seconds
+    result: dict[str, object] = {
         "instances": work.instances,
         "studies": len(index.studies({})),
-        "qido_p50_ms": round(statistics.median(qido) * 1000, 2),
-        "qido_p95_ms": round(sorted(qido)[int(0.95 * (len(qido) - 1))] * 1000, 2),
+        "qido_p50_ms": _p50_ms(ours.qido),
+        "qido_p95_ms": round(sorted(ours.qido)[int(0.95 * (len(ours.qido) - 1))] * 1000, 2),
         "qido_studies_returned": work.qido_studies,
-        "frames": frames,
+        "frames": ours.frames,
         "series_instances": len(refs),
         "frames_per_second": round(rate, 1),
         "file_read_frames_per_second": round(file_rate, 1),
         "frames_vs_file_read": round(rate / file_rate, 3),
-    }, work
+    }
+    theirs = install if isinstance(install, str) else OrthancFigures(
+        qido_p50_ms=_p50_ms(timings[1].qido),
+        frames_per_second=round(timings[1].frames / timings[1].frame_seconds, 1),
+        version=version)
+    result.update(compare_with_orthanc(qido_p50_ms=_p50_ms(ours.qido),
+                                       frames_per_second=round(rate, 1), theirs=theirs))
+    return result
 
 
-def _measure_orthanc(archives: list[Path], work: _Workload,
-                     qido_queries: int) -> OrthancFigures | str:
-    """Orthanc's QIDO p50 and frame rate on the same instances, or why it was not run.
+def _p50_ms(seconds: list[float]) -> float:
+    return round(statistics.median(seconds) * 1000, 2)
+
+
+def _load_orthanc(orthanc: Any, archives: list[Path], work: _Workload) -> str:
+    """Load every member of the lake's archives into ``orthanc`` and return its version.
 
     Raises:
-        RuntimeError: Orthanc is installed but failed: it refused a file, holds another
-            number of instances than the lake, or answered a request wrongly.
+        RuntimeError: it refused a file or holds another number of instances than the
+            lake (its figures would not be of the same data).
     """
-    from dicomlake.bench.orthanc import DICOMWEB_ROOT, OrthancServer, find_orthanc
-
-    install = find_orthanc()
-    if isinstance(install, str):
-        return install
-
     def members() -> Iterator[bytes]:
         for archive in archives:
             with zipfile.ZipFile(archive) as zf:
                 for name in zf.namelist():
                     yield zf.read(name)
 
-    with OrthancServer(install) as orthanc:
-        held = orthanc.load(members())
-        if held != work.instances:
-            raise RuntimeError(f"Orthanc holds {held} instances after loading the lake's "
-                               f"{work.instances}; its figures would not be of the same data")
-        version = (f"Orthanc {orthanc.get_json('/system')['Version']}, DICOMweb plugin "
-                   f"{orthanc.get_json('/plugins/dicom-web')['Version']}")
-        with _Client(orthanc.url) as client:
-            qido, frames, elapsed = _timed_dicomweb(client, DICOMWEB_ROOT, work, qido_queries)
-    return OrthancFigures(qido_p50_ms=round(statistics.median(qido) * 1000, 2),
-                          frames_per_second=round(frames / elapsed, 1), version=version)
+    held = orthanc.load(members())
+    if held != work.instances:
+        raise RuntimeError(f"Orthanc holds {held} instances after loading the lake's "
+                           f"{work.instances}; its figures would not be of the same data")
+    return (f"Orthanc {orthanc.get_json('/system')['Version']}, DICOMweb plugin "
+            f"{orthanc.get_json('/plugins/dicom-web')['Version']}")
 
 
 def compare_with_orthanc(*, qido_p50_ms: float, frames_per_second: float,
