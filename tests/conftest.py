@@ -61,3 +61,15 @@ def sample_archives(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three small mixed-profile archives (20 files each), made once per run."""
     out = tmp_path_factory.mktemp("samples")
     return make_sample(out, archives=3, files=20, seed=3, profile=Profile.MIXED, workers=1)
+
+
+@pytest.fixture(scope="module")
+def servers(request, spark, settings, sample_archives, tmp_path_factory):
+    """The run's JupyterLab + ``dicomlake serve`` on the shared lab lake
+    (:func:`_extension_helpers.lab_servers`), with everyone mapped to the default SQL user
+    again for this module (an earlier module may have changed the mapping)."""
+    from _extension_helpers import lab_servers
+
+    servers = lab_servers(request, spark, settings, sample_archives, tmp_path_factory)
+    servers.default_identity()
+    return servers

@@ -13,17 +13,10 @@ import json
 import re
 
 import pytest
-from _extension_helpers import ARTIFACTS, lab_page, lab_servers
+from _extension_helpers import ARTIFACTS, lab_page
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.slow
-
-@pytest.fixture(scope="module")
-def servers(request, spark, settings, sample_archives, tmp_path_factory):
-    servers = lab_servers(request, spark, settings, sample_archives, tmp_path_factory)
-    servers.default_identity()
-    return servers
-
 
 @pytest.fixture(scope="module")
 def page(servers):

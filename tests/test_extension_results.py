@@ -15,7 +15,6 @@ from _extension_helpers import (
     SQL_PASSWORD,
     SQL_USER,
     chromium_page,
-    lab_servers,
 )
 from _sql_helpers import connect
 
@@ -28,13 +27,6 @@ SORTED = COLUMNS.index("member_index")
 """The column the tests sort by: its values (0..19 per archive) sort differently as text."""
 SIDEBAR_PAGE = 50
 """Rows one sidebar page shows (sidebar.ts PAGE_SIZE)."""
-
-
-@pytest.fixture(scope="module")
-def servers(request, spark, settings, sample_archives, tmp_path_factory):
-    servers = lab_servers(request, spark, settings, sample_archives, tmp_path_factory)
-    servers.default_identity()
-    return servers
 
 
 @pytest.fixture(scope="module")

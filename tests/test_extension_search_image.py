@@ -11,7 +11,7 @@ import io
 import numpy as np
 import pytest
 import requests
-from _extension_helpers import ADMIN_PASSWORD, ADMIN_USER, ARTIFACTS, lab_page, lab_servers
+from _extension_helpers import ADMIN_PASSWORD, ADMIN_USER, ARTIFACTS, lab_page
 from _knn_helpers import is_source
 from _sql_helpers import connect
 from PIL import Image
@@ -19,13 +19,6 @@ from PIL import Image
 from dicomlake.udfs.pixels import load_frames, read_bytes, to_uint8
 
 pytestmark = pytest.mark.slow
-
-@pytest.fixture(scope="module")
-def servers(request, spark, settings, sample_archives, tmp_path_factory):
-    servers = lab_servers(request, spark, settings, sample_archives, tmp_path_factory)
-    servers.default_identity()
-    return servers
-
 
 @pytest.fixture(scope="module")
 def lake_paths(servers) -> dict[str, str]:

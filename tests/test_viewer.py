@@ -150,15 +150,6 @@ def test_the_installed_ohif_build_has_what_the_rewrites_expect():
 
 
 @pytest.fixture(scope="module")
-def servers(request, spark, settings, sample_archives, tmp_path_factory):
-    from _extension_helpers import lab_servers
-
-    servers = lab_servers(request, spark, settings, sample_archives, tmp_path_factory)
-    servers.default_identity()
-    return servers
-
-
-@pytest.fixture(scope="module")
 def ct_series(servers) -> dict:
     """The lake's 512x512 CT series with the most images (and its study)."""
     from deltalake import DeltaTable
