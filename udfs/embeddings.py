@@ -92,6 +92,33 @@ def embed_batches(batch_size: int = 32, backend: str = "onnx", device: str = "cp
     return run
 
 
+class EmbedRows:
+    """One Spark task's rows for :func:`dicomlake.catalog.delta.write_tasks`: its payload is
+    a slice of the instances to embed (``sop_instance_uid``, ``path``; :meth:`payload`), embedded by
+    :func:`embed_batches` in that task and written there, so the vectors never travel to the
+    JVM and back and the driver's slices (contiguous in path order: members of one archive
+    together) decide what each task reads."""
+
+    def __init__(self, batch_size: int, backend: str, device: str) -> None:
+        self.run = embed_batches(batch_size, backend, device)
+
+    @staticmethod
+    def payload(todo: pa.Table) -> bytes:
+        """A slice of the list as Arrow IPC bytes: only the slice's rows (a pickled slice
+        would carry the whole list's buffers, once per task)."""
+        import pyarrow as pa
+
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, todo.schema) as writer:
+            writer.write_table(todo)
+        return bytes(sink.getvalue().to_pybytes())
+
+    def __call__(self, payload: bytes) -> Iterator[pa.RecordBatch]:
+        import pyarrow as pa
+
+        return self.run(iter(pa.ipc.open_stream(payload).read_all().to_batches()))
+
+
 def encode_batches(book: Codebook
                    ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """A ``mapInArrow`` function: embedding rows -> ``dicom.codes`` rows of ``book``."""

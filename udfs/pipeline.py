@@ -27,19 +27,14 @@ from dicomlake.catalog.delta import (
     WrittenFile,
     commit,
     read_columns,
-    write_files,
+    write_tasks,
 )
 from dicomlake.catalog.warehouse import Warehouse
 from dicomlake.session import default_parallelism
 from dicomlake.udfs import decode, features, pq
 from dicomlake.udfs import model as model_mod
 from dicomlake.udfs.codestore import CODES, open_store
-from dicomlake.udfs.embeddings import (
-    codes_schema,
-    embed_batches,
-    embed_output_schema,
-    encode_batches,
-)
+from dicomlake.udfs.embeddings import EmbedRows, codes_schema, encode_batches
 from dicomlake.udfs.errors import CodebookError
 from dicomlake.udfs.settings import Device, SimilaritySettings
 
@@ -114,15 +109,16 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
         on_plan(count)
     if listed is None or count == 0:
         return 0, 0, 0
-    # The list goes to Spark as data: scanning dicom.instances through its data source
-    # and counting the anti-join cost two Spark jobs (~4 s at the start of a run, more
-    # than embedding 100 images on 2 cores); the list is in driver memory either way.
+    # The list goes to the tasks as their payloads, slices in path order: scanning
+    # dicom.instances through its data source, counting the anti-join and shuffling the
+    # rows cost Spark jobs (~4 s at the start of a run, more than embedding 100 images on
+    # 2 cores), and each task then writes the rows it embedded (write_tasks).
     parallel = default_parallelism(spark)
-    todo = spark.createDataFrame(listed).repartition(max(parallel,
-                                                         min(count // 64, 4 * parallel)))
-    rows = todo.mapInArrow(embed_batches(similarity.batch_size, similarity.backend.value,
-                                         similarity.device.value),
-                           embed_output_schema())
+    slices = max(parallel, min(count // 64, 4 * parallel))
+    step = -(-count // slices)
+    payloads = [EmbedRows.payload(listed.slice(start, step)) for start in range(0, count, step)]
+    produce = EmbedRows(similarity.batch_size, similarity.backend.value,
+                        similarity.device.value)
     targets = [TableTarget(t.name, str(t.path(warehouse.root)), t.columns)
                for t in (tables.EMBEDDINGS, tables.PIXEL_ERRORS)]
     reported = 0
@@ -135,7 +131,8 @@ def embed_instances(spark: SparkSession, settings: Settings, similarity: Similar
             reported += step
             progress(step)
 
-    written = write_files(rows, targets, progress=report)
+    written = write_tasks(spark, payloads, produce, targets,
+                          {t.key: tables.spec(t.key).schema for t in targets}, progress=report)
     totals = {}
     for target in targets:
         adds = [f for f in written if f.table == target.key]
